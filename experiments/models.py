@@ -1,0 +1,239 @@
+"""Model registry: every architecture by name, as a builder function.
+
+Each builder takes a `DataSpec` (input shape, class count, whether horizontal
+flips are label-preserving) and returns an uncompiled Keras model whose input
+is raw uint8 pixels. Rescaling, normalisation and augmentation are layers inside
+the model, so the model that is served is the model that was trained.
+
+Adding an architecture is one decorated function:
+
+    @register_model(optimizer="adam")
+    def my_net(data):
+        ...
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+from keras import layers
+
+from experiments.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    image_shape: tuple  # (height, width, channels)
+    num_classes: int
+    hflip: bool = True  # False where a mirror image changes the class (digits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How an architecture is trained; `train()` turns it into an optimizer and loss."""
+
+    optimizer: str = "adam"  # "adam" (constant LR) or "adamw_cosine" (warmup + cosine decay)
+    weight_decay: float = 0.0
+    warmup_fraction: float = 0.0
+    label_smoothing: float = 0.0
+    features: str | None = None  # "vgg16": train a head on cached frozen features
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., keras.Model]
+    recipe: Recipe
+    description: str
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(**recipe):
+    def decorate(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        MODELS[fn.__name__] = ModelEntry(fn.__name__, fn, Recipe(**recipe), doc[0] if doc else "")
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise UserError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
+    return MODELS[name]
+
+
+def create_model(name: str, data: DataSpec, **kwargs) -> keras.Model:
+    return get_model_entry(name).build(data, **kwargs)
+
+
+def _pixels(data: DataSpec) -> tuple[keras.KerasTensor, keras.KerasTensor]:
+    """uint8 image input, rescaled to [0, 1] floats."""
+    inputs = keras.Input(shape=data.image_shape, dtype="uint8", name="image")
+    return inputs, layers.Rescaling(1.0 / 255)(inputs)
+
+
+def _classifier(x, data: DataSpec):
+    return layers.Dense(data.num_classes, activation="softmax", name="probabilities")(x)
+
+
+# --- The tutorial's seed architectures, layer for layer --------------------------------------
+
+
+@register_model(optimizer="adam")
+def mlp(data: DataSpec) -> keras.Model:
+    """Tutorial dense net: flatten, Dense 100, softmax (MNIST, about 97%)."""
+    inputs, x = _pixels(data)
+    x = layers.Flatten()(x)
+    x = layers.Dense(100, activation="relu")(x)
+    return keras.Model(inputs, _classifier(x, data), name="mlp")
+
+
+@register_model(optimizer="adam")
+def cnn_simple(data: DataSpec) -> keras.Model:
+    """Tutorial one-conv CNN: Conv 25, MaxPool 1x1, Dense 100 (MNIST, 98%+)."""
+    inputs, x = _pixels(data)
+    x = layers.Conv2D(25, 3, strides=1, padding="valid", activation="relu")(x)
+    x = layers.MaxPooling2D(pool_size=1)(x)  # a no-op, kept from the tutorial
+    x = layers.Flatten()(x)
+    x = layers.Dense(100, activation="relu")(x)
+    return keras.Model(inputs, _classifier(x, data), name="cnn_simple")
+
+
+@register_model(optimizer="adam")
+def cnn_deep(data: DataSpec) -> keras.Model:
+    """Tutorial CIFAR-10 CNN: Conv 50-75-125, Dense 500-250 with dropout (78-80%)."""
+    inputs, x = _pixels(data)
+    x = layers.Conv2D(50, 3, padding="same", activation="relu")(x)
+    x = layers.Conv2D(75, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(0.25)(x)
+    x = layers.Conv2D(125, 3, padding="same", activation="relu")(x)
+    x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(500, activation="relu")(x)
+    x = layers.Dropout(0.4)(x)
+    x = layers.Dense(250, activation="relu")(x)
+    x = layers.Dropout(0.3)(x)
+    return keras.Model(inputs, _classifier(x, data), name="cnn_deep")
+
+
+@register_model(optimizer="adam")
+def cnn_basic(data: DataSpec) -> keras.Model:
+    """Tutorial Imagenette CNN: cnn_deep's Conv/Pool/Dropout/Dense pattern, five convs deep (40-50%)."""
+    inputs, x = _pixels(data)
+    for filters in (32, 64, 128):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+    x = layers.Dropout(0.25)(x)
+    for filters in (128, 256):
+        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+        x = layers.MaxPooling2D(2)(x)
+        x = layers.Dropout(0.25)(x)
+    x = layers.Flatten()(x)
+    x = layers.Dense(256, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    return keras.Model(inputs, _classifier(x, data), name="cnn_basic")
+
+
+# --- Beyond the tutorial ----------------------------------------------------------------------
+
+
+def augmentation(data: DataSpec, translate: float = 0.125) -> keras.Sequential:
+    """Random flips and shifts; active only while training, so serving sees the raw image."""
+    steps = [layers.RandomFlip("horizontal")] if data.hflip else []
+    steps.append(layers.RandomTranslation(translate, translate, fill_mode="reflect"))
+    return keras.Sequential(steps, name="augmentation")
+
+
+def conv_bn(x, filters: int):
+    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+    x = layers.BatchNormalization()(x)
+    return layers.Activation("gelu")(x)
+
+
+@register_model(optimizer="adamw_cosine", weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.1)
+def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
+    """A compact modern CNN: batch norm, GELU, flip+shift augmentation, AdamW with warmup and cosine decay."""
+    inputs, x = _pixels(data)
+    # Per-image-channel normalisation is learned by the first batch norm; centring here keeps early steps stable.
+    x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+    x = augmentation(data)(x)
+    x = conv_bn(x, widths[0] // 2)
+    for filters in widths:
+        # airbench/ResNet-9 style block: conv, downsample, conv.
+        x = conv_bn(x, filters)
+        x = layers.MaxPooling2D(2)(x)
+        x = conv_bn(x, filters)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dropout(0.2)(x)
+    return keras.Model(inputs, _classifier(x, data), name="cnn_modern")
+
+
+# --- Transfer learning ------------------------------------------------------------------------
+
+# Caffe-style channel means that the ImageNet VGG16 weights expect, in RGB order.
+VGG16_RGB_MEAN = (123.68, 116.779, 103.939)
+
+
+def vgg16_features(data: DataSpec, weights: str | None = "imagenet") -> keras.Model:
+    """uint8 RGB image -> frozen VGG16 convolutional features, preprocessing inside.
+
+    `weights` is "imagenet" (Keras downloads it), None (random, for tests) or a path to a
+    local `.h5` / `.weights.h5` file.
+    """
+    height, width, channels = data.image_shape
+    if channels != 3:
+        raise UserError(f"vgg16_head needs RGB images, got {channels} channel(s); use a colour dataset")
+    base = keras.applications.VGG16(
+        include_top=False, weights=None, input_shape=(height, width, 3)
+    )
+    if weights == "imagenet":
+        base.load_weights(
+            keras.utils.get_file(
+                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                "https://storage.googleapis.com/tensorflow/keras-applications/vgg16/"
+                "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5",
+                cache_subdir="models",
+                file_hash="6d6bbae143d832006294945121d1f1fc",
+            )
+        )
+    elif weights:
+        base.load_weights(weights)
+    # The weights expect BGR input. Reversing the first kernel's input channels makes the
+    # network take RGB directly, so preprocessing is a plain built-in Normalization layer.
+    first = base.get_layer("block1_conv1")
+    kernel, bias = first.get_weights()
+    first.set_weights([kernel[:, :, ::-1, :], bias])
+    base.trainable = False
+
+    inputs = keras.Input(shape=data.image_shape, dtype="uint8", name="image")
+    x = layers.Normalization(mean=VGG16_RGB_MEAN, variance=(1.0, 1.0, 1.0))(inputs)
+    return keras.Model(inputs, base(x), name="vgg16_features")
+
+
+def vgg16_head_layers(feature_shape: tuple, data: DataSpec) -> keras.Model:
+    """The tutorial's small head on VGG16 features: Flatten, Dense 100, Dropout, BatchNorm."""
+    features = keras.Input(shape=feature_shape, name="vgg16_features")
+    x = layers.Flatten()(features)
+    x = layers.Dense(100, activation="relu")(x)
+    x = layers.Dropout(0.5)(x)
+    x = layers.BatchNormalization()(x)
+    return keras.Model(features, _classifier(x, data), name="head")
+
+
+@register_model(optimizer="adam", features="vgg16")
+def vgg16_head(data: DataSpec, weights: str | None = "imagenet") -> keras.Model:
+    """Frozen VGG16 features + the tutorial's dense head, as one image-to-class model (94%+)."""
+    extractor = vgg16_features(data, weights)
+    head = vgg16_head_layers(extractor.output_shape[1:], data)
+    return keras.Model(extractor.input, head(extractor.output), name="vgg16_head")

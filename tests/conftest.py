@@ -1,0 +1,87 @@
+"""Shared fixtures: a temp sqlite tracking store, a temp cache, and tiny synthetic datasets."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = Path(os.environ.get("CNN_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+
+@pytest.fixture(autouse=True)
+def isolated_tracking(tmp_path, monkeypatch):
+    """Every test gets its own sqlite store and cache; nothing touches the user's mlflow.db."""
+    import mlflow
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
+    mlflow.set_tracking_uri(uri)
+    yield uri
+    while mlflow.active_run():
+        mlflow.end_run()
+
+
+def make_npz(path: Path, n_train=60, n_test=20, shape=(28, 28), classes=3, seed=0) -> Path:
+    """A Keras-layout .npz whose classes differ in brightness, so a model can learn them."""
+    rng = np.random.default_rng(seed)
+
+    def split(n):
+        y = np.arange(n) % classes
+        x = rng.integers(0, 60, size=(n, *shape)) + (y * 90).reshape(-1, *[1] * len(shape))
+        return x.astype(np.uint8), y.astype(np.uint8)
+
+    x_train, y_train = split(n_train)
+    x_test, y_test = split(n_test)
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test)
+    return path
+
+
+def make_image_tree(root: Path, classes=("cat", "dog"), per_class=(6, 3), size=(20, 24), splits=("train", "test")):
+    """`root/<split>/<class>/*.png|jpg` with a colour per class; `splits=()` makes an unsplit tree."""
+    rng = np.random.default_rng(0)
+    colours = [(220, 40, 40), (40, 40, 220), (40, 220, 40), (220, 220, 40)]
+    for split, count in zip(splits or ("",), per_class):
+        for c, name in enumerate(classes):
+            folder = root / split / name
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                pixels = np.clip(rng.normal(colours[c % 4], 20, size=(*size, 3)), 0, 255).astype(np.uint8)
+                ext = "png" if i % 2 else "jpg"
+                Image.fromarray(pixels).save(folder / f"{name}_{i}.{ext}")
+    return root
+
+
+@pytest.fixture
+def tiny_npz_dir(tmp_path) -> Path:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "mnist.npz")
+    return data_dir
+
+
+@pytest.fixture
+def image_tree(tmp_path) -> Path:
+    return make_image_tree(tmp_path / "shapes")
+
+
+def python_env() -> dict:
+    """Environment for subprocesses: this interpreter's bin first, so `mlflow` and `python` match."""
+    env = dict(os.environ)
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+needs_shared_data = pytest.mark.skipif(
+    not (SHARED_DATA / "mnist.npz").exists(), reason=f"shared data not found at {SHARED_DATA}"
+)

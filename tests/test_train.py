@@ -1,0 +1,173 @@
+"""train(): real Keras, real MLflow on a temp sqlite store, tiny synthetic data."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+from conftest import PROJECT_ROOT, make_image_tree, python_env
+
+from experiments.errors import UserError
+from experiments.models import DataSpec, create_model, list_models
+from experiments.train import TrainConfig, train
+
+
+def artifact_paths(run_id: str, path: str = "") -> set[str]:
+    client = mlflow.MlflowClient()
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def test_train_logs_everything_a_run_needs(tiny_npz_dir):
+    result = train(dataset="mnist", arch="cnn_simple", epochs=2, batch_size=16, data_dir=str(tiny_npz_dir), seed=7)
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert mlflow.get_experiment(run.info.experiment_id).name == "mnist"  # one experiment per dataset
+
+    # Evaluation: exactly the figures train() returned.
+    assert run.data.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
+    assert run.data.metrics["test_loss"] == pytest.approx(result.test_loss)
+    # Autolog was on: one point per epoch for the training metrics.
+    history = mlflow.MlflowClient().get_metric_history(result.run_id, "accuracy")
+    assert [m.step for m in history] == [0, 1]
+
+    tags = run.data.tags
+    assert tags["dataset"] == "mnist" and tags["arch"] == "cnn_simple"
+    assert tags["git_commit"] and tags["tensorflow_version"] and tags["keras_version"]
+    assert tags["mlflow.runName"].startswith("mnist-cnn_simple-")
+    assert "98%+" in tags["mlflow.note.content"]
+    params = run.data.params
+    assert params["seed"] == "7" and params["epochs"] == "2" and params["batch_size"] == "16"
+    assert params["num_train"] == "60" and params["num_test"] == "20"
+    assert "image_size" not in params and "weights" not in params  # options that did not apply
+
+    inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
+    assert set(inputs) == {"mnist-training", "mnist-testing"}
+    assert inputs["mnist-testing"].digest == tags["data_digest"]
+
+    assert {
+        "plots/confusion_matrix.png",
+        "plots/learning_curves.png",
+        "plots/misclassified.png",
+        "evaluation/per_class_accuracy.json",
+        "config.json",
+    } <= artifact_paths(result.run_id)
+
+
+def test_per_class_accuracy_and_confusion_matrix_agree_with_test_accuracy(tiny_npz_dir):
+    result = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    table = mlflow.load_table("evaluation/per_class_accuracy.json", run_ids=[result.run_id])
+    assert table["support"].sum() == 20
+    assert table["correct"].sum() / 20 == pytest.approx(result.test_accuracy)
+    local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/confusion_matrix.json")
+    matrix = np.array(json.load(open(local))["matrix"])
+    assert np.trace(matrix) / matrix.sum() == pytest.approx(result.test_accuracy)
+
+
+def test_logged_model_takes_uint8_and_predicts_like_the_trained_model(tiny_npz_dir):
+    result = train(dataset="mnist", arch="cnn_simple", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    spec = loaded.metadata.signature.inputs.inputs[0]
+    assert spec.type == np.dtype("uint8") and spec.shape == (-1, 28, 28, 1)
+    assert loaded.metadata.metadata["class_names"] == [str(i) for i in range(10)]
+    batch = np.random.default_rng(0).integers(0, 255, size=(5, 28, 28, 1), dtype=np.uint8)
+    served = np.asarray(loaded.predict(batch))
+    assert served.shape == (5, 10)
+    np.testing.assert_allclose(served, result.model.predict(batch, verbose=0), rtol=1e-5, atol=1e-6)
+    with pytest.raises(Exception, match="dtype|type"):
+        loaded.predict(batch.astype(np.float64))  # the signature is enforced
+
+
+def test_folder_run_counts_skipped_images(tmp_path):
+    root = make_image_tree(tmp_path / "tree", classes=("red", "blue", "green"))
+    (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
+    result = train(dataset="folder", arch="cnn_basic", epochs=1, batch_size=8, data_dir=str(root), image_size=32)
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["skipped_images"] == "1"
+    assert run.data.params["image_size"] == "32" and run.data.params["test_split"] == "test"
+    loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    assert loaded.metadata.metadata["class_names"] == ["blue", "green", "red"]
+    assert np.asarray(loaded.predict(np.zeros((2, 32, 32, 3), np.uint8))).shape == (2, 3)
+
+
+def test_vgg16_head_caches_features_and_logs_one_image_to_class_model(tmp_path):
+    root = make_image_tree(tmp_path / "tree", per_class=(4, 2), size=(40, 40))
+    common = dict(dataset="folder", arch="vgg16_head", epochs=1, batch_size=4, data_dir=str(root), image_size=32,
+                  weights="none")
+    first = train(**common)
+    second = train(**common)
+    assert mlflow.get_run(first.run_id).data.tags["feature_cache"] == "miss"
+    assert mlflow.get_run(second.run_id).data.tags["feature_cache"] == "hit"
+    assert mlflow.get_run(second.run_id).data.params["weights"] == "none"
+    # Same seed, same cached features: the two heads start alike and score alike.
+    assert second.test_accuracy == pytest.approx(first.test_accuracy)
+
+    loaded = mlflow.pyfunc.load_model(f"runs:/{first.run_id}/model")
+    assert loaded.metadata.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
+    images = np.random.default_rng(1).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
+    served = np.asarray(loaded.predict(images))
+    np.testing.assert_allclose(served, first.model.predict(images, verbose=0), rtol=1e-4, atol=1e-5)
+    assert served.shape == (3, 2)
+    assert any(layer.name == "vgg16" for layer in first.model.layers)  # the base is inside the served model
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_model_takes_uint8_pixels(name):
+    spec = DataSpec((32, 32, 3), 4)
+    kwargs = {"weights": None} if name == "vgg16_head" else {}
+    model = create_model(name, spec, **kwargs)
+    assert model.inputs[0].dtype == "uint8"
+    out = model.predict(np.zeros((2, 32, 32, 3), np.uint8), verbose=0)
+    assert out.shape == (2, 4)
+    np.testing.assert_allclose(out.sum(axis=1), 1.0, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    "overrides, fragment",
+    [
+        ({"dataset": "svhn"}, "unknown dataset 'svhn'; choose one of:"),
+        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose one of: cnn_basic"),
+        ({"epochs": 0}, "epochs must be a positive integer, got 0"),
+        ({"batch_size": -8}, "batch_size must be a positive integer, got -8"),
+        ({"limit": -1}, "limit must be 0 (whole training split) or a positive count, got -1"),
+        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"data_dir": "/no/such/folder"}, "data_dir /no/such/folder does not exist"),
+        ({"arch": "vgg16_head", "weights": "/no/weights.h5"}, "weights must be 'imagenet', 'none' or an existing"),
+    ],
+)
+def test_bad_input_fails_before_any_run_is_created(overrides, fragment, tiny_npz_dir):
+    config = {"dataset": "mnist", "arch": "mlp", "data_dir": str(tiny_npz_dir), **overrides}
+    with pytest.raises(UserError) as err:
+        train(**config)
+    assert fragment in str(err.value) and "\n" not in str(err.value)
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_folder_with_one_class_fails_before_training(tmp_path):
+    root = make_image_tree(tmp_path / "one", classes=("only",))
+    with pytest.raises(UserError, match="at least 2"):
+        train(dataset="folder", arch="cnn_basic", data_dir=str(root))
+    assert mlflow.search_runs(search_all_experiments=True).empty
+
+
+def test_command_line_prints_one_line_and_no_traceback():
+    proc = subprocess.run(
+        [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "lenet", "--epochs", "1"],
+        cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=120,
+    )
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: unknown architecture 'lenet'; choose one of: cnn_basic, cnn_deep, cnn_modern, "
+                      "cnn_simple, mlp, vgg16_head"]
+
+
+def test_config_defaults_match_the_tutorial():
+    config = TrainConfig("cifar10", "cnn_deep")
+    assert (config.epochs, config.batch_size, config.learning_rate) == (10, 128, 0.001)
