@@ -78,6 +78,7 @@ class Source:
     seed: int
     test_fraction: float
     hflip: bool
+    channels: int = 3
 
     def load(
         self,
@@ -123,17 +124,27 @@ class Source:
         return data
 
 
-DATASETS: dict[str, Callable[[Source], ImageData]] = {}
-HFLIP: dict[str, bool] = {}
+@dataclasses.dataclass(frozen=True)
+class DatasetEntry:
+    load: Callable[[Source], ImageData]
+    hflip: bool  # False where a mirror image changes the class (digits)
+    native_size: int | None  # fixed-size datasets keep it, even from a folder copy; others take image_size
+    channels: int
 
 
-def register_dataset(hflip: bool = True):
+DATASETS: dict[str, DatasetEntry] = {}
+
+
+def register_dataset(hflip: bool = True, native_size: int | None = None, channels: int = 3):
     def decorate(fn):
-        DATASETS[fn.__name__] = fn
-        HFLIP[fn.__name__] = hflip
+        DATASETS[fn.__name__] = DatasetEntry(fn, hflip, native_size, channels)
         return fn
 
     return decorate
+
+
+def takes_image_size(name: str) -> bool:
+    return DATASETS[name].native_size is None
 
 
 def list_datasets() -> list[str]:
@@ -151,17 +162,19 @@ def load_dataset(
     """Load a registered dataset. `limit` caps the training split (stratified, seeded); 0 = all."""
     check_dataset_args(name, data_dir, image_size, limit, test_fraction)
     data_dir = data_dir or os.environ.get("CNN_DATA_DIR") or None
+    entry = DATASETS[name]
     source = Source(
         data_dir=Path(data_dir).expanduser() if data_dir else None,
-        image_size=image_size,
+        image_size=entry.native_size or image_size,
         limit=limit,
         seed=seed,
         test_fraction=test_fraction,
-        hflip=HFLIP[name],
+        hflip=entry.hflip,
+        channels=entry.channels,
     )
     if source.data_dir is not None and not source.data_dir.exists():
         raise UserError(f"data_dir {source.data_dir} does not exist; pass an existing folder or leave it empty to download")
-    return DATASETS[name](source)
+    return entry.load(source)
 
 
 def check_dataset_args(name, data_dir, image_size, limit, test_fraction) -> None:
@@ -364,14 +377,14 @@ def from_folder(
         keep = stratified_indices(train_labels, source.limit, source.seed)
         train_paths, train_labels = [train_paths[i] for i in keep], train_labels[keep]
         info["limit"] = source.limit
-    size = source.image_size
-    train = _image_split(train_paths, train_labels, root, size)
-    test = _image_split(test_paths, test_labels, root, size)
+    size, channels = source.image_size, source.channels
+    train = _image_split(train_paths, train_labels, root, size, channels)
+    test = _image_split(test_paths, test_labels, root, size, channels)
     info["skipped_images"] = train.skipped + test.skipped
     return ImageData(
         name=name,
         class_names=names,
-        image_shape=(size, size, 3),
+        image_shape=(size, size, channels),
         train=train,
         test=test,
         source=origin or str(path),
@@ -380,12 +393,12 @@ def from_folder(
     )
 
 
-def _image_split(paths: list[str], labels: np.ndarray, root: Path, size: int) -> Split:
+def _image_split(paths: list[str], labels: np.ndarray, root: Path, size: int, channels: int) -> Split:
     """Decode every file once into a tf.data cache, dropping (and counting) unreadable ones."""
     import tensorflow as tf
 
     def decode(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
         image = tf.image.resize(image, (size, size))
         return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
@@ -506,25 +519,25 @@ def _keras_dataset(source: Source, name: str, classes: list[str], url: str, loca
     return source.load(name, (name, *local), download, url, classes)
 
 
-@register_dataset(hflip=False)
+@register_dataset(hflip=False, native_size=28, channels=1)
 def mnist(source: Source) -> ImageData:
     url = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
     return _keras_dataset(source, "mnist", MNIST_CLASSES, url)
 
 
-@register_dataset(hflip=True)
+@register_dataset(hflip=True, native_size=28, channels=1)
 def fashion_mnist(source: Source) -> ImageData:
     url = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
     return _keras_dataset(source, "fashion_mnist", FASHION_MNIST_CLASSES, url, ("fashion-mnist",))
 
 
-@register_dataset(hflip=True)
+@register_dataset(hflip=True, native_size=32)
 def cifar10(source: Source) -> ImageData:
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     return _keras_dataset(source, "cifar10", CIFAR10_CLASSES, url, ("cifar-10",))
 
 
-@register_dataset(hflip=True)
+@register_dataset(hflip=True, native_size=32)
 def cifar100(source: Source) -> ImageData:
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     return _keras_dataset(source, "cifar100", CIFAR100_CLASSES, url, ("cifar-100",))

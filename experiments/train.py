@@ -22,7 +22,15 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.datasets import ImageData, Split, cache_dir, check_dataset_args, list_datasets, load_dataset
+from experiments.datasets import (
+    ImageData,
+    Split,
+    cache_dir,
+    check_dataset_args,
+    list_datasets,
+    load_dataset,
+    takes_image_size,
+)
 from experiments.errors import UserError
 from experiments.models import DataSpec, Recipe, get_model_entry, list_models, vgg16_features, vgg16_head_layers
 
@@ -182,7 +190,7 @@ def _log_run_metadata(config: TrainConfig, data: ImageData) -> None:
 def _applicable(config: TrainConfig, data: ImageData) -> dict:
     """The config without the options that did not apply to this run (they would only mislead)."""
     params = dataclasses.asdict(config)
-    if "test_split" not in data.info:  # in-memory datasets keep their native size
+    if not takes_image_size(config.dataset):  # MNIST/CIFAR keep their native size
         del params["image_size"]
     if get_model_entry(config.arch).recipe.features != "vgg16":
         del params["weights"]

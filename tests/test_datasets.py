@@ -176,3 +176,12 @@ def test_npz_with_missing_keys_or_wrong_dtype_is_refused(tmp_path):
     np.savez(tmp_path / "mnist.npz", x_train=zeros, y_train=[0, 1], x_test=zeros, y_test=[0, 1])
     with pytest.raises(UserError, match="x_train is float64"):
         load_dataset("mnist", data_dir=tmp_path)
+
+
+def test_fixed_size_datasets_keep_their_native_size_from_a_folder_copy(tmp_path):
+    # A CIFAR-10 folder copy must not be resized to image_size: that would be 16x the compute.
+    make_image_tree(tmp_path / "cifar10", classes=("airplane", "automobile"), size=(32, 32))
+    data = load_dataset("cifar10", data_dir=tmp_path, image_size=128)
+    assert data.image_shape == (32, 32, 3)
+    make_image_tree(tmp_path / "mnist", classes=("0", "1"), size=(28, 28))
+    assert load_dataset("mnist", data_dir=tmp_path, image_size=128).image_shape == (28, 28, 1)
