@@ -1,0 +1,23 @@
+# Two commands on a fresh machine:  `make train` (the main job: CIFAR-10) and `make test`.
+VENV ?= .venv
+BIN := $(VENV)/bin
+export PATH := $(abspath $(BIN)):$(PATH)
+
+.PHONY: install train test ui
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -r requirements.txt
+	touch $@
+
+train: install  ## the tutorial's CIFAR-10 experiment, tracked in ./mlflow.db (ARGS="-P arch=cnn_modern ...")
+	mlflow run . -e cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
+
+test: install
+	python -m pytest -q tests
+
+ui: install  ## the MLflow UI on http://127.0.0.1:5000
+	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
