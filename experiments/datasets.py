@@ -19,6 +19,7 @@ import dataclasses
 import hashlib
 import os
 import shutil
+import sys
 import tarfile
 import tempfile
 import zipfile
@@ -210,15 +211,19 @@ def cache_dir() -> Path:
     return root
 
 
+def file_key(path: Path) -> str:
+    """A cache key for a local file: changes when the file is replaced or edited."""
+    stat = path.stat()
+    return hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+
+
 def unpack(path: Path) -> Path:
     """A folder path as is; an archive extracted once into the cache (atomically), then that folder."""
     if path.is_dir():
         return path
     if not path.name.endswith(ARCHIVE_SUFFIXES):
         raise UserError(f"{path} is neither a folder, an .npz nor a .tar.gz/.tgz/.zip archive")
-    stat = path.stat()
-    key = hashlib.sha256(f"{path.resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
-    target = cache_dir() / "extracted" / f"{path.name.split('.')[0]}-{key}"
+    target = cache_dir() / "extracted" / f"{path.name.split('.')[0]}-{file_key(path)}"
     if target.is_dir():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
@@ -419,7 +424,8 @@ def _fill_cache(images, total: int, title: str) -> np.ndarray:
     import keras
 
     print(title, flush=True)
-    bar = keras.utils.Progbar(total, verbose=1 if total >= 2000 else 0)
+    # A live bar on a terminal; in logs (mlflow run, CI) just the closing line.
+    bar = keras.utils.Progbar(total, verbose=1 if sys.stdout.isatty() else 2)
     labels = []
     for _, batch_labels in images.batch(512):
         labels.append(batch_labels.numpy())

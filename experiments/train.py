@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import hashlib
 import json
 import os
 import platform
@@ -27,6 +26,7 @@ from experiments.datasets import (
     Split,
     cache_dir,
     check_dataset_args,
+    file_key,
     list_datasets,
     load_dataset,
     takes_image_size,
@@ -322,8 +322,7 @@ def _weights_key(config: TrainConfig) -> str:
         return "imagenet"
     if config.weights == "none":
         return f"random-seed{config.seed}"  # random weights differ per seed
-    stat = Path(config.weights).stat()
-    return hashlib.sha256(f"{Path(config.weights).resolve()}:{stat.st_size}:{stat.st_mtime_ns}".encode()).hexdigest()[:12]
+    return file_key(Path(config.weights))
 
 
 def cached_features(extractor, split: Split, weights_key: str, batch_size: int) -> np.ndarray:
