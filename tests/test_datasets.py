@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tarfile
+import zipfile
 
 import numpy as np
 import pytest
@@ -185,3 +186,21 @@ def test_fixed_size_datasets_keep_their_native_size_from_a_folder_copy(tmp_path)
     assert data.image_shape == (32, 32, 3)
     make_image_tree(tmp_path / "mnist", classes=("0", "1"), size=(28, 28))
     assert load_dataset("mnist", data_dir=tmp_path, image_size=128).image_shape == (28, 28, 1)
+
+
+def test_caltech101_layout_nested_archive_unsplit_tree_without_background_class(tmp_path):
+    # As shipped: caltech-101.zip > caltech-101/101_ObjectCategories.tar.gz > 101_ObjectCategories/<class>/
+    tree = make_image_tree(tmp_path / "src" / "101_ObjectCategories", classes=("accordion", "BACKGROUND_Google",
+                                                                                 "camera"), per_class=(5,), splits=())
+    inner = tmp_path / "101_ObjectCategories.tar.gz"
+    with tarfile.open(inner, "w:gz") as tar:
+        tar.add(tree, arcname="101_ObjectCategories")
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    with zipfile.ZipFile(data_dir / "caltech-101.zip", "w") as archive:
+        archive.write(inner, "caltech-101/101_ObjectCategories.tar.gz")
+        archive.writestr("caltech-101/show_annotation.m", "% not data")
+    data = load_dataset("caltech101", data_dir=data_dir, image_size=16, test_fraction=0.4)
+    assert data.class_names == ["accordion", "camera"]
+    assert (len(data.train), len(data.test)) == (6, 4)
+    assert data.info["test_split"] == "seeded_stratified"
