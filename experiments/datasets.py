@@ -173,8 +173,6 @@ def load_dataset(
         hflip=entry.hflip,
         channels=entry.channels,
     )
-    if source.data_dir is not None and not source.data_dir.exists():
-        raise UserError(f"data_dir {source.data_dir} does not exist; pass an existing folder or leave it empty to download")
     return entry.load(source)
 
 
@@ -189,6 +187,9 @@ def check_dataset_args(name, data_dir, image_size, limit, test_fraction) -> None
         raise UserError(f"test_fraction must be between 0 and 1, got {test_fraction}")
     if data_dir and not Path(data_dir).expanduser().exists():
         raise UserError(f"data_dir {data_dir} does not exist; pass an existing folder or leave it empty to download")
+    from_env = os.environ.get("CNN_DATA_DIR")
+    if not data_dir and from_env and not Path(from_env).expanduser().exists():
+        raise UserError(f"CNN_DATA_DIR={from_env} does not exist; point it at a data folder or unset it to download")
 
 
 # --- Local files --------------------------------------------------------------------------------

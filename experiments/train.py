@@ -8,6 +8,7 @@ Every MLproject entry point (and every tuner trial) calls `train()`.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -113,7 +114,7 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
             else:
                 model = entry.build(spec)
                 history = _fit(model, config, data, entry.recipe)
-                probabilities = model.predict(_batches(data.test, config.batch_size, data.num_classes)[0], verbose=0)
+                probabilities = model.predict(_images(data.test, config.batch_size), verbose=0)
         finally:
             mlflow.keras.autolog(disable=True)
         accuracy, loss = _log_evaluation(data, probabilities, history)
@@ -135,22 +136,11 @@ def _tracking_run(config: TrainConfig):
     import mlflow
 
     if mlflow.active_run() is not None:  # a tuner trial or a caller's run: log into it
-        return _nullcontext(mlflow.active_run())
+        return contextlib.nullcontext(mlflow.active_run())
     mlflow.set_tracking_uri(default_tracking_uri())
     if not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` owns the experiment; otherwise one per dataset
         mlflow.set_experiment(config.dataset)
     return mlflow.start_run()
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 def _log_run_metadata(config: TrainConfig, data: ImageData) -> None:
@@ -246,10 +236,13 @@ def _batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int 
     images = split.images
     if shuffle_seed is not None:
         images = images.shuffle(min(len(split), 20_000), seed=shuffle_seed, reshuffle_each_iteration=True)
-    with_labels = images.batch(batch_size).map(
-        lambda x, y: (x, tf.one_hot(y, num_classes)), num_parallel_calls=tf.data.AUTOTUNE
-    )
-    return images.batch(batch_size).map(lambda x, y: x).prefetch(2), with_labels.prefetch(tf.data.AUTOTUNE)
+    batches = images.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def _images(split: Split, batch_size: int):
+    """Image-only batches in split order, for prediction."""
+    return split.images.batch(batch_size).map(lambda x, y: x).prefetch(2)
 
 
 def _compile(model, recipe: Recipe, learning_rate: float, total_steps: int) -> None:
@@ -274,8 +267,8 @@ def _compile(model, recipe: Recipe, learning_rate: float, total_steps: int) -> N
 def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe) -> dict:
     steps = -(-len(data.train) // config.batch_size)
     _compile(model, recipe, config.learning_rate, steps * config.epochs)
-    _, train_batches = _batches(data.train, config.batch_size, data.num_classes, shuffle_seed=config.seed)
-    _, test_batches = _batches(data.test, config.batch_size, data.num_classes)
+    train_batches = _batches(data.train, config.batch_size, data.num_classes, shuffle_seed=config.seed)
+    test_batches = _batches(data.test, config.batch_size, data.num_classes)
     # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
     history = model.fit(
         train_batches,
@@ -338,8 +331,7 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
             mlflow.set_tag("feature_cache", "hit")
         return features
     print(f"extracting VGG16 features for {len(split)} images (cached at {path})", flush=True)
-    images = split.images.batch(batch_size).map(lambda x, y: x)
-    features = extractor.predict(images, verbose=1)
+    features = extractor.predict(_images(split, batch_size), verbose=1)
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.partial", delete=False) as tmp:
         np.save(tmp, features)

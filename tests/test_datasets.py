@@ -204,3 +204,9 @@ def test_caltech101_layout_nested_archive_unsplit_tree_without_background_class(
     assert data.class_names == ["accordion", "camera"]
     assert (len(data.train), len(data.test)) == (6, 4)
     assert data.info["test_split"] == "seeded_stratified"
+
+
+def test_missing_cnn_data_dir_is_named(monkeypatch):
+    monkeypatch.setenv("CNN_DATA_DIR", "/no/such/data")
+    with pytest.raises(UserError, match="CNN_DATA_DIR=/no/such/data does not exist"):
+        load_dataset("mnist")
