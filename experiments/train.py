@@ -245,9 +245,12 @@ def _images(split: Split, batch_size: int):
     return split.images.batch(batch_size).map(lambda x, y: x).prefetch(2)
 
 
-def _compile(model, recipe: Recipe, learning_rate: float, total_steps: int) -> None:
+def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int) -> None:
+    """Optimizer, loss and metrics from the recipe; the LR schedule spans the whole run."""
     import keras
 
+    learning_rate = config.learning_rate
+    total_steps = -(-num_train // config.batch_size) * config.epochs
     if recipe.optimizer == "adamw_cosine":
         warmup = max(1, int(total_steps * recipe.warmup_fraction))
         schedule = keras.optimizers.schedules.CosineDecay(
@@ -265,8 +268,7 @@ def _compile(model, recipe: Recipe, learning_rate: float, total_steps: int) -> N
 
 
 def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe) -> dict:
-    steps = -(-len(data.train) // config.batch_size)
-    _compile(model, recipe, config.learning_rate, steps * config.epochs)
+    _compile(model, recipe, config, len(data.train))
     train_batches = _batches(data.train, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     test_batches = _batches(data.test, config.batch_size, data.num_classes)
     # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
@@ -292,8 +294,7 @@ def _fit_vgg16_head(config: TrainConfig, data: ImageData, spec: DataSpec, recipe
     test_features = cached_features(extractor, data.test, key, config.batch_size)
 
     head = vgg16_head_layers(extractor.output_shape[1:], spec)
-    steps = -(-len(data.train) // config.batch_size)
-    _compile(head, recipe, config.learning_rate, steps * config.epochs)
+    _compile(head, recipe, config, len(data.train))
     onehot = np.eye(data.num_classes, dtype=np.float32)
     history = head.fit(
         train_features,
