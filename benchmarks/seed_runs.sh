@@ -9,7 +9,7 @@ declare -A RUNS=(
   [mnist_cnn_simple]="-e mnist -P arch=cnn_simple"
   [fashion_mnist_cnn_simple]="-e fashion_mnist -P arch=cnn_simple"
   [cifar10_cnn_deep]="-e cifar10 -P arch=cnn_deep"
-  [cifar10_cnn_modern]="-e cifar10 -P arch=cnn_modern -P epochs=12 -P learning_rate=0.002"
+  [cifar10_cnn_modern]="-e cifar10 -P arch=cnn_modern -P epochs=30 -P learning_rate=0.002"
   [imagenette_cnn_basic]="-e imagenette -P arch=cnn_basic -P image_size=128"
 )
 names=("$@")

@@ -14,6 +14,7 @@ Adding an architecture is one decorated function:
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 from typing import Callable
 
@@ -82,7 +83,7 @@ def _pixels(data: DataSpec) -> tuple[keras.KerasTensor, keras.KerasTensor]:
 
 
 def _classifier(x, data: DataSpec):
-    return layers.Dense(data.num_classes, activation="softmax", name="probabilities")(x)
+    return layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
 
 
 # --- The tutorial's seed architectures, layer for layer --------------------------------------
@@ -155,28 +156,81 @@ def augmentation(data: DataSpec, translate: float = 0.125) -> keras.Sequential:
     return keras.Sequential(steps, name="augmentation")
 
 
+class FastBatchNorm(layers.BatchNormalization):
+    """BatchNormalization whose training step is TensorFlow's fused kernel.
+
+    Keras 3 normalises with separate moments and arithmetic ops. On this CPU in bfloat16 those
+    cost three times the convolutions; the fused op lets oneDNN fuse conv + norm + ReLU
+    (measured: 312 -> 1174 images/s for cnn_modern). Inference is the stock layer's, and
+    `portable()` swaps the stock layer back in before a model is saved, so saved models need no
+    custom code.
+    """
+
+    def call(self, inputs, training=None, mask=None):
+        if not training or keras.backend.backend() != "tensorflow" or self.axis != len(inputs.shape) - 1:
+            return super().call(inputs, training=training, mask=mask)
+        import tensorflow as tf
+
+        empty = tf.constant([], tf.float32)
+        outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
+            x=inputs, scale=self.gamma, offset=self.beta, mean=empty, variance=empty,
+            epsilon=self.epsilon, data_format="NHWC", is_training=True,
+        )
+        self.moving_mean.assign(self.moving_mean * self.momentum + mean * (1 - self.momentum))
+        self.moving_variance.assign(self.moving_variance * self.momentum + variance * (1 - self.momentum))
+        return outputs
+
+
+def portable(model: keras.Model) -> keras.Model:
+    """A copy of `model` with stock Keras layers only: same weights, same inference."""
+
+    def clone(layer):
+        cls = layers.BatchNormalization if isinstance(layer, FastBatchNorm) else layer.__class__
+        return cls.from_config(layer.get_config())
+
+    if not any(isinstance(layer, FastBatchNorm) for layer in model.layers):
+        return model
+    copy = keras.models.clone_model(model, clone_function=clone)
+    copy.set_weights(model.get_weights())
+    return copy
+
+
+@contextlib.contextmanager
+def dtype_policy(name: str):
+    """Build layers under a dtype policy, e.g. "mixed_bfloat16" (saved with each layer)."""
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy(name)
+    try:
+        yield
+    finally:
+        keras.config.set_dtype_policy(previous)
+
+
 def conv_bn(x, filters: int):
     x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
-    x = layers.BatchNormalization(momentum=0.9)(x)
-    return layers.Activation("gelu")(x)
+    x = FastBatchNorm(momentum=0.9)(x)
+    # ReLU, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
+    return layers.Activation("relu")(x)
 
 
 @register_model(optimizer="adamw_cosine", weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.1)
 def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
-    """A compact modern CNN: batch norm, GELU, flip+shift augmentation, AdamW with warmup and cosine decay."""
-    inputs, x = _pixels(data)
-    # Per-image-channel normalisation is learned by the first batch norm; centring here keeps early steps stable.
-    x = layers.Normalization(mean=0.5, variance=0.0625)(x)
-    x = augmentation(data)(x)
-    x = conv_bn(x, widths[0] // 2)
-    for filters in widths:
-        # airbench/ResNet-9 style block: conv, downsample, conv.
-        x = conv_bn(x, filters)
-        x = layers.MaxPooling2D(2)(x)
-        x = conv_bn(x, filters)
-    x = layers.GlobalMaxPooling2D()(x)
-    x = layers.Dropout(0.2)(x)
+    """A compact modern CNN: batch norm, flip+shift augmentation, AdamW with warmup and cosine decay, bfloat16."""
+    # bfloat16 runs on the CPU's AMX units; the classifier stays float32 for a stable softmax.
+    with dtype_policy("mixed_bfloat16"):
+        inputs, x = _pixels(data)
+        # Per-channel scaling is learned by the first batch norm; centring here keeps early steps stable.
+        x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+        x = augmentation(data)(x)
+        x = conv_bn(x, widths[0] // 2)
+        for filters in widths:
+            # airbench/ResNet-9 style block: conv, downsample, conv.
+            x = conv_bn(x, filters)
+            x = layers.MaxPooling2D(2)(x)
+            x = conv_bn(x, filters)
+        x = layers.GlobalMaxPooling2D()(x)
+        x = layers.Dropout(0.2)(x)
     return keras.Model(inputs, _classifier(x, data), name="cnn_modern")
 
 

@@ -33,7 +33,15 @@ from experiments.datasets import (
     takes_image_size,
 )
 from experiments.errors import UserError
-from experiments.models import DataSpec, Recipe, get_model_entry, list_models, vgg16_features, vgg16_head_layers
+from experiments.models import (
+    DataSpec,
+    Recipe,
+    get_model_entry,
+    list_models,
+    portable,
+    vgg16_features,
+    vgg16_head_layers,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
@@ -404,7 +412,7 @@ def _log_model(model, data: ImageData) -> None:
 
     # Explicit uint8 signature: autolog would record float32, and input_example is broken (mlflow #16183).
     mlflow.keras.log_model(
-        model,
+        portable(model),
         name="model",
         signature=model_signature(data),
         metadata={"class_names": data.class_names, "dataset": data.name, "data_digest": data.test.digest},
