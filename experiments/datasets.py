@@ -331,6 +331,31 @@ def split_train_test(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
+    """Seeded stratified (rest, held-out) parts of a split: validation data that is not the test split."""
+    import tensorflow as tf
+
+    rest, held = split_train_test(split.labels, fraction, seed)
+
+    def part(indices: np.ndarray, role: str) -> Split:
+        keep = np.zeros(len(split), bool)
+        keep[indices] = True
+        mask = tf.constant(keep)
+
+        def kept(index, example):
+            return mask[index]
+
+        def drop_index(index, example):
+            return example
+
+        images = split.images.enumerate().filter(kept).map(drop_index)
+        images = images.apply(tf.data.experimental.assert_cardinality(len(indices)))
+        digest = hashlib.sha256(f"{split.digest}:{role}:{fraction}:{seed}".encode()).hexdigest()[:16]
+        return Split(images=images, labels=split.labels[indices], digest=digest)
+
+    return part(rest, "rest"), part(held, "holdout")
+
+
 def from_folder(
     path: Path,
     source: Source,

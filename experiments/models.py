@@ -35,11 +35,28 @@ class DataSpec:
 class Recipe:
     """How an architecture is trained; `train()` turns it into an optimizer and loss."""
 
-    optimizer: str = "adam"  # "adam" (constant LR) or "adamw_cosine" (warmup + cosine decay)
-    weight_decay: float = 0.0
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (Nesterov momentum 0.9)
+    schedule: str = "constant"  # "constant" or "cosine" (linear warmup, then cosine decay to 0)
+    weight_decay: float = 0.0  # decoupled (AdamW/SGD); ignored by plain Adam
     warmup_fraction: float = 0.0
     label_smoothing: float = 0.0
     features: str | None = None  # "vgg16": train a head on cached frozen features
+
+    OPTIMIZERS = ("adam", "adamw", "sgd")
+    SCHEDULES = ("constant", "cosine")
+
+    def updated(self, **changes) -> "Recipe":
+        """A copy with `changes`; unknown names or values are a UserError (they come from users and tuners)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise UserError(f"unknown recipe option(s) {', '.join(unknown)}; choose from: {', '.join(sorted(fields))}")
+        recipe = dataclasses.replace(self, **changes)
+        if recipe.optimizer not in self.OPTIMIZERS:
+            raise UserError(f"unknown optimizer {recipe.optimizer!r}; choose one of: {', '.join(self.OPTIMIZERS)}")
+        if recipe.schedule not in self.SCHEDULES:
+            raise UserError(f"unknown schedule {recipe.schedule!r}; choose one of: {', '.join(self.SCHEDULES)}")
+        return recipe
 
 
 @dataclasses.dataclass(frozen=True)
@@ -112,38 +129,50 @@ def cnn_simple(data: DataSpec) -> keras.Model:
 @register_model(optimizer="adam")
 def cnn_deep(data: DataSpec) -> keras.Model:
     """Tutorial CIFAR-10 CNN: Conv 50-75-125, Dense 500-250 with dropout (78-80%)."""
-    inputs, x = _pixels(data)
-    x = layers.Conv2D(50, 3, padding="same", activation="relu")(x)
-    x = layers.Conv2D(75, 3, padding="same", activation="relu")(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Dropout(0.25)(x)
-    x = layers.Conv2D(125, 3, padding="same", activation="relu")(x)
-    x = layers.MaxPooling2D(2)(x)
-    x = layers.Dropout(0.25)(x)
-    x = layers.Flatten()(x)
-    x = layers.Dense(500, activation="relu")(x)
-    x = layers.Dropout(0.4)(x)
-    x = layers.Dense(250, activation="relu")(x)
-    x = layers.Dropout(0.3)(x)
-    return keras.Model(inputs, _classifier(x, data), name="cnn_deep")
+    return convnet(data, blocks=[((50, 75), 0.25), ((125,), 0.25)], dense=[(500, 0.4), (250, 0.3)], name="cnn_deep")
 
 
 @register_model(optimizer="adam")
 def cnn_basic(data: DataSpec) -> keras.Model:
     """Tutorial Imagenette CNN: cnn_deep's Conv/Pool/Dropout/Dense pattern, five convs deep (40-50%)."""
+    blocks = [((32,), 0.0), ((64,), 0.0), ((128,), 0.25), ((128,), 0.25), ((256,), 0.25)]
+    return convnet(data, blocks=blocks, dense=[(256, 0.5)], name="cnn_basic")
+
+
+@register_model(optimizer="adam")
+def convnet(
+    data: DataSpec,
+    blocks=(((32,), 0.25), ((64,), 0.25)),
+    dense=((128, 0.5),),
+    kernel_size: int = 3,
+    batch_norm: bool = False,
+    augment: float = 0.0,
+    name: str = "convnet",
+) -> keras.Model:
+    """The tutorial's CNN family: blocks of 3x3 convs + 2x2 max-pool + dropout, then dense layers.
+
+    `blocks` is a list of (conv widths, dropout); `dense` a list of (units, dropout). `augment` > 0
+    adds flips and shifts of that fraction of the image. The tuner searches this space, and
+    `cnn_deep` and `cnn_basic` are points in it.
+    """
     inputs, x = _pixels(data)
-    for filters in (32, 64, 128):
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
+    if augment:
+        x = augmentation(data, augment)(x)
+    for widths, dropout in blocks:
+        for filters in widths:
+            if batch_norm:
+                x = conv_bn(x, filters, kernel_size)
+            else:
+                x = layers.Conv2D(filters, kernel_size, padding="same", activation="relu")(x)
         x = layers.MaxPooling2D(2)(x)
-    x = layers.Dropout(0.25)(x)
-    for filters in (128, 256):
-        x = layers.Conv2D(filters, 3, padding="same", activation="relu")(x)
-        x = layers.MaxPooling2D(2)(x)
-        x = layers.Dropout(0.25)(x)
+        if dropout:
+            x = layers.Dropout(dropout)(x)
     x = layers.Flatten()(x)
-    x = layers.Dense(256, activation="relu")(x)
-    x = layers.Dropout(0.5)(x)
-    return keras.Model(inputs, _classifier(x, data), name="cnn_basic")
+    for units, dropout in dense:
+        x = layers.Dense(units, activation="relu")(x)
+        if dropout:
+            x = layers.Dropout(dropout)(x)
+    return keras.Model(inputs, _classifier(x, data), name=name)
 
 
 # --- Beyond the tutorial ----------------------------------------------------------------------
@@ -206,15 +235,15 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def conv_bn(x, filters: int):
-    x = layers.Conv2D(filters, 3, padding="same", use_bias=False)(x)
+def conv_bn(x, filters: int, kernel_size: int = 3):
+    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
     x = FastBatchNorm(momentum=0.9)(x)
     # ReLU, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
     return layers.Activation("relu")(x)
 
 
-@register_model(optimizer="adamw_cosine", weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.1)
+@register_model(optimizer="adamw", schedule="cosine", weight_decay=0.05, warmup_fraction=0.1, label_smoothing=0.1)
 def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
     """A compact modern CNN: batch norm, flip+shift augmentation, AdamW with warmup and cosine decay, bfloat16."""
     # bfloat16 runs on the CPU's AMX units; the classifier stays float32 for a stable softmax.

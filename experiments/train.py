@@ -28,6 +28,7 @@ from experiments.datasets import (
     cache_dir,
     check_dataset_args,
     file_key,
+    holdout,
     list_datasets,
     load_dataset,
     takes_image_size,
@@ -69,6 +70,11 @@ class TrainConfig:
     image_size: int = 128  # folder datasets only; MNIST/CIFAR keep their native size
     weights: str = "imagenet"  # vgg16_head only: "imagenet", "none" or a local weights file
     test_fraction: float = 0.2  # trees without a test split (Caltech-101)
+    # > 0: validate on this held-out share of the training split, so the test split stays unseen
+    # (tuner trials); 0: validate on the test split, as the tutorial does.
+    validation_fraction: float = 0.0
+    options: dict = dataclasses.field(default_factory=dict)  # the architecture builder's keyword arguments
+    recipe: dict = dataclasses.field(default_factory=dict)  # changes to the architecture's training recipe
 
     def validate(self) -> None:
         """Bad input fails here, with one line, before any data is read or any run is created."""
@@ -78,10 +84,16 @@ class TrainConfig:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
         if not self.learning_rate > 0:
             raise UserError(f"learning_rate must be positive, got {self.learning_rate}")
+        if not 0.0 <= self.validation_fraction < 1.0:
+            raise UserError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        self.training_recipe()  # unknown recipe options fail here
         check_dataset_args(self.dataset, self.data_dir, self.image_size, self.limit, self.test_fraction)
         if get_model_entry(self.arch).recipe.features == "vgg16":
             if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
                 raise UserError(f"weights must be 'imagenet', 'none' or an existing weights file, got {self.weights!r}")
+
+    def training_recipe(self) -> Recipe:
+        return get_model_entry(self.arch).recipe.updated(**self.recipe)
 
 
 @dataclasses.dataclass
@@ -93,11 +105,21 @@ class TrainResult:
     history: dict
 
 
-def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
+def train(
+    config: TrainConfig | None = None,
+    *,
+    model=None,
+    callbacks=(),
+    initial_epoch: int = 0,
+    evaluate: bool = True,
+    **overrides,
+) -> TrainResult:
     """Train `config.arch` on `config.dataset`, tracked in MLflow; returns the run id and test figures.
 
     Logs into the active MLflow run if there is one (a tuner trial, `mlflow run`), else starts a run
-    in an experiment named after the dataset.
+    in an experiment named after the dataset. A tuner passes the `model` it built (possibly warm-started),
+    its `callbacks` and `initial_epoch`, and `evaluate=False`: a trial is scored on its validation
+    split, and neither touches the test split nor logs a model.
     """
     config = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     config.validate()
@@ -106,30 +128,50 @@ def train(config: TrainConfig | None = None, **overrides) -> TrainResult:
     import mlflow
 
     keras.utils.set_random_seed(config.seed)
-    data = load_dataset(
-        config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction
-    )
-    entry = get_model_entry(config.arch)
+    data = load_data(config)
+    recipe = config.training_recipe()
     spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
+    if model is not None and recipe.features:
+        raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
 
     with _tracking_run(config):
-        _log_run_metadata(config, data)
+        _log_run_metadata(config, data, recipe)
         # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
         mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
         try:
-            if entry.recipe.features == "vgg16":
-                model, history, probabilities = _fit_vgg16_head(config, data, spec, entry.recipe)
+            if recipe.features == "vgg16":
+                model, history, probabilities = _fit_vgg16_head(config, data, spec, recipe)
             else:
-                model = entry.build(spec)
-                history = _fit(model, config, data, entry.recipe)
-                probabilities = model.predict(_images(data.test, config.batch_size), verbose=0)
+                if model is None:
+                    model = get_model_entry(config.arch).build(spec, **config.options)
+                history = _fit(model, config, data, recipe, list(callbacks), initial_epoch)
+                probabilities = None
+                if evaluate:
+                    probabilities = model.predict(_images(data.test, config.batch_size), verbose=0)
         finally:
             mlflow.keras.autolog(disable=True)
+        run_id = mlflow.active_run().info.run_id
+        if not evaluate:
+            return TrainResult(run_id, None, None, model, history)
         accuracy, loss = _log_evaluation(data, probabilities, history)
         _log_model(model, data)
-        run_id = mlflow.active_run().info.run_id
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
     return TrainResult(run_id, accuracy, loss, model, history)
+
+
+_LOADED: dict = {}
+
+
+def load_data(config: TrainConfig) -> ImageData:
+    """The dataset, loaded once per process: tuner trials share it."""
+    key = (config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction,
+           os.environ.get("CNN_DATA_DIR"))
+    if key not in _LOADED:
+        _LOADED.clear()  # one dataset at a time: they can be large
+        _LOADED[key] = load_dataset(
+            config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction
+        )
+    return _LOADED[key]
 
 
 # --- Tracking ------------------------------------------------------------------------------------
@@ -151,27 +193,35 @@ def _tracking_run(config: TrainConfig):
     return mlflow.start_run()
 
 
-def _log_run_metadata(config: TrainConfig, data: ImageData) -> None:
+def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe) -> None:
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import Schema, TensorSpec
 
-    run = mlflow.active_run()
+    run = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)
     figure = TUTORIAL_FIGURES.get((config.dataset, config.arch))
     tutorial = f" The tutorial reports {figure}." if figure else ""
-    mlflow.set_tags(
-        {
-            "dataset": config.dataset,
-            "arch": config.arch,
-            "data_digest": data.test.digest,
-            "mlflow.runName": f"{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
-            "mlflow.note.content": f"`{config.arch}` on `{config.dataset}`.{tutorial}",
-            **_provenance(),
-        }
-    )
+    tags = {
+        "dataset": config.dataset,
+        "arch": config.arch,
+        "data_digest": data.test.digest,
+        "mlflow.runName": f"{config.dataset}-{config.arch}-{time.strftime('%Y%m%d-%H%M%S')}",
+        "mlflow.note.content": f"`{config.arch}` on `{config.dataset}`.{tutorial}",
+        **_provenance(),
+    }
+    if "trial_id" in run.data.tags:  # a tuner trial keeps the name and note the tuner gave it
+        del tags["mlflow.runName"], tags["mlflow.note.content"]
+    mlflow.set_tags(tags)
     # `mlflow run` has already logged its parameters; MLflow refuses a param logged twice.
-    logged = mlflow.MlflowClient().get_run(run.info.run_id).data.params
-    params = {**_applicable(config, data), **data.info, "num_train": len(data.train), "num_test": len(data.test)}
+    logged = run.data.params
+    params = {
+        **_applicable(config, data),
+        **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items() if v is not None},
+        **{f"options.{k}": json.dumps(v) for k, v in config.options.items()},
+        **data.info,
+        "num_train": len(data.train),
+        "num_test": len(data.test),
+    }
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_dict({**params, "class_names": data.class_names}, "config.json")
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *data.image_shape), "image")])
@@ -188,6 +238,9 @@ def _log_run_metadata(config: TrainConfig, data: ImageData) -> None:
 def _applicable(config: TrainConfig, data: ImageData) -> dict:
     """The config without the options that did not apply to this run (they would only mislead)."""
     params = dataclasses.asdict(config)
+    del params["options"], params["recipe"]  # logged field by field
+    if not config.validation_fraction:
+        del params["validation_fraction"]
     if not takes_image_size(config.dataset):  # MNIST/CIFAR keep their native size
         del params["image_size"]
     if get_model_entry(config.arch).recipe.features != "vgg16":
@@ -253,21 +306,26 @@ def _images(split: Split, batch_size: int):
     return split.images.batch(batch_size).map(lambda x, y: x).prefetch(2)
 
 
-def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int) -> None:
-    """Optimizer, loss and metrics from the recipe; the LR schedule spans the whole run."""
+def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial_epoch: int = 0) -> None:
+    """Optimizer, loss and metrics from the recipe; the LR schedule spans the epochs still to run."""
     import keras
 
+    total_steps = -(-num_train // config.batch_size) * max(1, config.epochs - initial_epoch)
     learning_rate = config.learning_rate
-    total_steps = -(-num_train // config.batch_size) * config.epochs
-    if recipe.optimizer == "adamw_cosine":
+    if recipe.schedule == "cosine":
         warmup = max(1, int(total_steps * recipe.warmup_fraction))
-        schedule = keras.optimizers.schedules.CosineDecay(
+        learning_rate = keras.optimizers.schedules.CosineDecay(
             initial_learning_rate=0.0,
             decay_steps=max(1, total_steps - warmup),
-            warmup_target=learning_rate,
+            warmup_target=config.learning_rate,
             warmup_steps=warmup,
         )
-        optimizer = keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay)
+    if recipe.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay)
+    elif recipe.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            learning_rate, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay or None
+        )
     else:
         optimizer = keras.optimizers.Adam(learning_rate)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
@@ -275,17 +333,22 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int) -> None
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=False)
 
 
-def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe) -> dict:
-    _compile(model, recipe, config, len(data.train))
-    train_batches = _batches(data.train, config.batch_size, data.num_classes, shuffle_seed=config.seed)
-    test_batches = _batches(data.test, config.batch_size, data.num_classes)
+def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, callbacks: list, initial_epoch: int) -> dict:
+    train_split, validation_split = data.train, data.test
+    if config.validation_fraction:
+        train_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
+    _compile(model, recipe, config, len(train_split), initial_epoch)
+    train_batches = _batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
+    validation_batches = _batches(validation_split, config.batch_size, data.num_classes)
     # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
     history = model.fit(
         train_batches,
-        validation_data=test_batches,
+        validation_data=validation_batches,
         epochs=config.epochs,
+        initial_epoch=initial_epoch,
         batch_size=config.batch_size,
         shuffle=False,  # tf.data shuffles; Keras would warn and ignore it
+        callbacks=callbacks,
         verbose=2,
     )
     return history.history
@@ -430,9 +493,21 @@ def parse_args(argv=None) -> TrainConfig:
     for field in dataclasses.fields(TrainConfig):
         if field.name in ("dataset", "arch"):
             continue
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=type(getattr(defaults, field.name)),
-                            default=getattr(defaults, field.name))
+        default = getattr(defaults, field.name)
+        kind = _json_object if isinstance(default, dict) else type(default)
+        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
     return TrainConfig(**vars(parser.parse_args(argv)))
+
+
+def _json_object(text: str) -> dict:
+    """A JSON object from the command line, e.g. --recipe '{"optimizer": "sgd"}'."""
+    try:
+        value = json.loads(text) if text.strip() else {}
+    except json.JSONDecodeError as exc:
+        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"optimizer\": \"sgd\"}'")
+    return value
 
 
 def main(argv=None) -> int:

@@ -24,6 +24,9 @@ def isolated_tracking(tmp_path, monkeypatch):
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CNN_TUNER_DIR", str(tmp_path / "tuner"))
+    for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "CNN_SEARCH_PARENT_RUN_ID"):
+        monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)

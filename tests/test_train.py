@@ -164,8 +164,8 @@ def test_command_line_prints_one_line_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: unknown architecture 'lenet'; choose one of: cnn_basic, cnn_deep, cnn_modern, "
-                      "cnn_simple, mlp, vgg16_head"]
+    assert errors == ["error: unknown architecture 'lenet'; choose one of: cnn_basic, cnn_deep, cnn_modern, cnn_simple, convnet, "
+                      "mlp, vgg16_head"]
 
 
 def test_config_defaults_match_the_tutorial():

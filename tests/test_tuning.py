@@ -1,0 +1,276 @@
+"""Keras Tuner searches on tiny synthetic data, tracked in a real sqlite store (and a real mlflow server)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+
+from conftest import PROJECT_ROOT, make_npz, python_env
+from tuning.search import SearchConfig, check_search_state, main, run_search
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "cifar10.npz", n_train=90, n_test=30, shape=(32, 32, 3), classes=3)
+    return data_dir
+
+
+def errors(capsys) -> list[str]:
+    return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+
+def search_runs(client=None, **tags):
+    client = client or mlflow.MlflowClient()
+    query = " and ".join(f"tags.{k} = '{v}'" for k, v in tags.items())
+    experiments = [e.experiment_id for e in client.search_experiments()]
+    return client.search_runs(experiments, query, max_results=1000)
+
+
+TUTORIAL_POINT = {  # cnn_deep with the tutorial's recipe, as params are logged (strings)
+    "conv_blocks": "2", "block1_convs": "2", "block1_width1": "50", "block1_width2": "75", "block1_dropout": "0.25",
+    "block2_convs": "1", "block2_width1": "125", "block2_dropout": "0.25", "dense_layers": "2",
+    "dense1_units": "500", "dense1_dropout": "0.4", "dense2_units": "250", "dense2_dropout": "0.3",
+    "kernel_size": "3", "batch_norm": "False", "augment": "0.0", "optimizer": "adam",
+    "adam_learning_rate": "0.001", "schedule": "constant", "label_smoothing": "0.0", "batch_size": "128",
+}
+
+
+@pytest.mark.parametrize("tuner", ["hyperband", "bayesian", "random"])
+def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
+    result = run_search(SearchConfig("cifar10", tuner=tuner, max_trials=3, max_epochs=2, data_dir=str(tiny_cifar)))
+    client = mlflow.MlflowClient()
+
+    [parent] = search_runs(client, search_role="parent")
+    assert parent.info.status == "FINISHED"
+    assert parent.data.tags["search_name"] == f"cifar10-{tuner}"
+    assert (parent.data.tags["dataset"], parent.data.tags["tuner"]) == ("cifar10", tuner)
+    assert parent.data.params["max_trials"] == "3"
+
+    trials = search_runs(client, search_role="trial")
+    assert 2 <= len(trials) <= 3
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert sorted(r.data.tags["trial_id"] for r in trials) == sorted({r.data.tags["trial_id"] for r in trials})
+    for run in trials:
+        assert run.info.status == "FINISHED"
+        assert 0.0 <= run.data.metrics["score"] <= 1.0
+        assert {"conv_blocks", "optimizer", "batch_size", "augment", "batch_norm"} <= set(run.data.params)
+        history = client.get_metric_history(run.info.run_id, "val_accuracy")  # per epoch, from autolog
+        assert 1 <= len(history) <= 2
+        assert run.data.metrics["score"] == pytest.approx(max(m.value for m in history))
+    # The first trial is the tutorial's cnn_deep with its recipe.
+    first = min(trials, key=lambda r: r.data.tags["trial_id"])
+    assert {k: first.data.params[k] for k in TUTORIAL_POINT} == TUTORIAL_POINT
+
+    experiment_ids = [parent.info.experiment_id]
+    for run in trials:  # no model per trial
+        assert not mlflow.search_logged_models(experiment_ids, f"source_run_id = '{run.info.run_id}'",
+                                               output_format="list")
+    [best] = search_runs(client, best="true")
+    assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert best.info.status == "FINISHED"
+    assert best.data.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
+    [model] = mlflow.search_logged_models(experiment_ids, f"source_run_id = '{best.info.run_id}'",
+                                          output_format="list")
+    images = np.zeros((2, 32, 32, 3), np.uint8)
+    assert mlflow.pyfunc.load_model(model.model_uri).predict(images).shape == (2, 10)  # the CIFAR-10 class names
+
+    scores = [r.data.metrics["score"] for r in trials]
+    assert parent.data.metrics["best_score"] == pytest.approx(max(scores))
+    best_trial = max(trials, key=lambda r: (r.data.metrics["score"], -int(r.data.tags["trial_id"])))
+    assert best.data.tags["trial_id"] == parent.data.tags["best_trial_id"] == best_trial.data.tags["trial_id"]
+    artifacts = {f.path for f in client.list_artifacts(parent.info.run_id)}
+    assert {"trials.csv", "best_hyperparameters.json", "plots"} <= artifacts
+    table = client.download_artifacts(parent.info.run_id, "trials.csv")
+    assert len(open(table).read().strip().splitlines()) == len(trials) + 1
+    assert not search_runs(client) or all(r.info.status != "RUNNING" for r in search_runs(client))
+
+
+def test_the_tutorial_models_are_points_of_the_search_spaces():
+    import keras_tuner as kt
+
+    from experiments.models import DataSpec, create_model
+    from tuning.spaces import SPACES, choose
+
+    for dataset, shape in (("cifar10", (32, 32, 3)), ("imagenette", (128, 128, 3))):
+        space = SPACES[dataset]
+        spec = DataSpec(shape, 10, True)
+        options = choose(kt.HyperParameters(), space)["options"]
+        searched, tutorial = create_model("convnet", spec, **options), create_model(space.tutorial_arch, spec)
+
+        def layers(model):
+            return [(type(l).__name__, {k: v for k, v in l.get_config().items() if k != "name"}) for l in model.layers]
+
+        assert layers(searched) == layers(tutorial)
+        assert searched.count_params() == tutorial.count_params()
+
+
+class FailSecondTrial:
+    """A real Keras callback that raises in the second trial it sees (each trial gets a deep copy)."""
+
+    trials_seen = 0
+
+    def __new__(cls):
+        import keras
+
+        class Callback(keras.callbacks.Callback):
+            def on_train_begin(self, logs=None):
+                FailSecondTrial.trials_seen += 1
+                if FailSecondTrial.trials_seen == 2:
+                    raise RuntimeError("disk full while writing a checkpoint")
+
+        return Callback()
+
+
+def test_a_failing_trial_is_failed_with_its_error_and_the_search_goes_on(tiny_cifar):
+    run_search(SearchConfig("cifar10", tuner="random", max_trials=3, max_epochs=1, data_dir=str(tiny_cifar)),
+               callbacks=[FailSecondTrial()])
+    trials = search_runs(search_role="trial")
+    statuses = {r.data.tags["trial_id"]: r.info.status for r in trials}
+    assert statuses == {"0": "FINISHED", "1": "FAILED", "2": "FINISHED"}
+    [failed] = [r for r in trials if r.info.status == "FAILED"]
+    assert failed.data.tags["error"] == "RuntimeError: disk full while writing a checkpoint"
+    error = mlflow.MlflowClient().download_artifacts(failed.info.run_id, "error.txt")
+    assert "Traceback" in open(error).read()
+    assert "score" not in failed.data.metrics
+    assert all(r.info.status != "RUNNING" for r in search_runs())
+    [best] = search_runs(best="true")
+    assert best.data.tags["trial_id"] in ("0", "2")
+
+
+def test_images_too_small_for_the_space_fail_in_one_line(tmp_path, capsys):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "cifar10.npz", n_train=30, n_test=9, shape=(4, 4, 3), classes=3)
+    assert main(["--dataset", "cifar10", "--data-dir", str(data_dir)]) == 2
+    assert not search_runs()
+    assert errors(capsys) == [
+        "error: 4x4 images are too small for the cifar10 search space (up to 3 pooling blocks need at least "
+        "8 pixels); use a larger image_size"]
+
+
+def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_path, isolated_tracking):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "cifar10.npz", n_train=600, n_test=60, shape=(32, 32, 3), classes=3)
+    command = [sys.executable, "-m", "tuning.search", "--dataset", "cifar10", "--tuner", "random",
+               "--max-trials", "4", "--max-epochs", "4", "--patience", "10", "--data-dir", str(data_dir),
+               "--search-name", "resumable"]
+    client = mlflow.MlflowClient()
+    process = subprocess.Popen(command, cwd=PROJECT_ROOT, env=python_env(),
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 240
+        while time.time() < deadline:  # kill once trial 0 has finished and a later trial is mid-training
+            runs = search_runs(client, search_role="trial")
+            finished = [r for r in runs if r.info.status == "FINISHED"]
+            running = [r for r in runs if r.info.status == "RUNNING"]
+            if finished and running and client.get_metric_history(running[0].info.run_id, "loss"):
+                break
+            assert process.poll() is None, "the search ended before it could be killed"
+            time.sleep(0.5)
+        else:
+            pytest.fail("no trial was mid-training within 240 s")
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+    finished_before = {r.data.tags["trial_id"]: r.info.run_id for r in finished}
+    killed_id = running[0].info.run_id
+    resumed = subprocess.run(command, cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True,
+                             timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "Reloading Tuner" in resumed.stdout + resumed.stderr
+
+    runs = search_runs(client, search_role="trial")
+    finished_after = [r for r in runs if r.info.status == "FINISHED"]
+    ids = [r.data.tags["trial_id"] for r in finished_after]
+    assert sorted(ids) == ["0", "1", "2", "3"]  # every trial once, none repeated
+    for trial_id, run_id in finished_before.items():  # finished trials kept their runs
+        assert {r.data.tags["trial_id"]: r.info.run_id for r in finished_after}[trial_id] == run_id
+    assert client.get_run(killed_id).info.status == "KILLED"
+    assert all(r.info.status != "RUNNING" for r in search_runs(client))
+    [parent] = search_runs(client, search_role="parent")
+    assert parent.info.status == "FINISHED"
+    assert len(search_runs(client, best="true")) == 1
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def test_distributed_chief_and_two_workers_log_every_trial_once(tmp_path, tiny_cifar):
+    port = _free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
+         str(tmp_path / "server-artifacts"), "--workers", "1"],
+        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    uri = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(120):
+            try:
+                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
+                    break
+            except OSError:
+                time.sleep(0.5)
+        else:
+            pytest.fail("mlflow server did not start")
+        env = {**python_env(), "MLFLOW_TRACKING_URI": uri}
+        launched = subprocess.run(
+            [sys.executable, "-m", "tuning.distributed", "--workers", "2", "--",
+             "--dataset", "cifar10", "--tuner", "random", "--max-trials", "4", "--max-epochs", "1",
+             "--data-dir", str(tiny_cifar), "--search-name", "spread"],
+            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+        )
+        assert launched.returncode == 0, launched.stderr[-3000:]
+        client = mlflow.MlflowClient(uri)
+        [parent] = search_runs(client, search_role="parent")
+        assert parent.info.status == "FINISHED"
+        trials = search_runs(client, search_role="trial")
+        assert sorted(r.data.tags["trial_id"] for r in trials) == ["0", "1", "2", "3"]
+        assert all(r.info.status == "FINISHED" for r in trials)
+        assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+        assert {r.data.tags["tuner_id"] for r in trials} <= {"tuner0", "tuner1"}
+        [best] = search_runs(client, best="true")
+        assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
+        assert (tmp_path / "tuner" / "spread" / "oracle.json").is_file()  # the shared state was kept
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--tuner", "grid"], "error: unknown tuner 'grid'; choose one of: hyperband, bayesian, random"),
+    (["--max-trials", "0"], "error: max_trials must be at least 1, got 0"),
+    (["--time-budget-minutes", "-5"], "error: time_budget_minutes must be 0 (no limit) or positive, got -5.0"),
+])
+def test_bad_search_arguments_fail_in_one_line_before_anything_runs(argv, message, capsys, tiny_cifar):
+    assert main(["--dataset", "cifar10", "--data-dir", str(tiny_cifar), *argv]) == 2
+    assert errors(capsys) == [message]
+    assert not search_runs()
+
+
+def test_a_search_name_of_another_dataset_is_refused(capsys, tiny_cifar):
+    check_search_state(SearchConfig("imagenette", search_name="shared-name"))
+    assert main(["--dataset", "cifar10", "--data-dir", str(tiny_cifar), "--tuner", "hyperband",
+                 "--search-name", "shared-name"]) == 2
+    assert errors(capsys) == ["error: search_name 'shared-name' holds a hyperband search on imagenette; use another "
+                   "search_name, or tuner=hyperband dataset=imagenette to resume it"]
+    assert not search_runs()

@@ -1,0 +1,116 @@
+"""Search spaces: which `convnet` architectures and training recipes a tuner may pick, per dataset.
+
+Every space is centred on the tutorial's model for that dataset: its layer sizes, dropout rates and
+recipe (Adam at 1e-3, batch 128, no augmentation) are the defaults, and the tuner runs that point
+first. A search can therefore only match or beat the tutorial on its validation score.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from experiments.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class Space:
+    tutorial_arch: str  # the seed architecture this space contains
+    blocks: list  # its conv blocks: [(widths, dropout)], the defaults
+    dense: list  # its dense layers: [(units, dropout)], the defaults
+    min_blocks: int
+    max_blocks: int
+    widths: tuple  # filter counts a conv may pick
+    dense_units: tuple
+    max_dense: int = 2
+    max_convs: int = 2  # convs per block
+
+
+SPACES = {
+    "cifar10": Space(
+        tutorial_arch="cnn_deep",
+        blocks=[((50, 75), 0.25), ((125,), 0.25)],
+        dense=[(500, 0.4), (250, 0.3)],
+        min_blocks=2,
+        max_blocks=3,
+        widths=(32, 50, 64, 75, 96, 125, 128, 192, 256),
+        dense_units=(128, 250, 256, 500, 512),
+    ),
+    "imagenette": Space(
+        tutorial_arch="cnn_basic",
+        blocks=[((32,), 0.0), ((64,), 0.0), ((128,), 0.25), ((128,), 0.25), ((256,), 0.25)],
+        dense=[(256, 0.5)],
+        min_blocks=3,
+        max_blocks=5,
+        widths=(32, 64, 96, 128, 192, 256),
+        dense_units=(128, 256, 512),
+    ),
+}
+
+DROPOUTS = (0.0, 0.1, 0.2, 0.25, 0.3, 0.4, 0.5)
+# Decoupled weight decay that suits each optimizer; plain Adam (the tutorial's) has none.
+WEIGHT_DECAY = {"adam": 0.0, "adamw": 0.05, "sgd": 5e-4}
+
+
+def get_space(dataset: str) -> Space:
+    if dataset not in SPACES:
+        raise UserError(f"no search space for dataset {dataset!r}; choose one of: {', '.join(sorted(SPACES))}")
+    return SPACES[dataset]
+
+
+def choose(hp, space: Space) -> dict:
+    """Register the space's hyperparameters on `hp` and return the chosen TrainConfig fields.
+
+    Conditional hyperparameters (block 3's widths, SGD's learning rate) are active, and so logged,
+    only in trials that use them.
+    """
+    n_blocks = hp.Int("conv_blocks", space.min_blocks, space.max_blocks, default=len(space.blocks))
+    blocks = []
+    for i in range(1, space.max_blocks + 1):
+        tutorial_widths, tutorial_dropout = space.blocks[i - 1] if i <= len(space.blocks) else ((space.widths[-1],), 0.25)
+        with hp.conditional_scope("conv_blocks", list(range(i, space.max_blocks + 1))):
+            n_convs = hp.Int(f"block{i}_convs", 1, space.max_convs, default=len(tutorial_widths))
+            widths = []
+            for j in range(1, space.max_convs + 1):
+                with hp.conditional_scope(f"block{i}_convs", list(range(j, space.max_convs + 1))):
+                    default = tutorial_widths[min(j, len(tutorial_widths)) - 1]
+                    widths.append(hp.Choice(f"block{i}_width{j}", space.widths, default=default))
+            dropout = hp.Choice(f"block{i}_dropout", DROPOUTS, default=tutorial_dropout)
+        if i <= n_blocks:
+            blocks.append((tuple(widths[:n_convs]), dropout))
+
+    n_dense = hp.Int("dense_layers", 1, space.max_dense, default=len(space.dense))
+    dense = []
+    for k in range(1, space.max_dense + 1):
+        tutorial_units, tutorial_dropout = space.dense[k - 1] if k <= len(space.dense) else (space.dense_units[0], 0.5)
+        with hp.conditional_scope("dense_layers", list(range(k, space.max_dense + 1))):
+            units = hp.Choice(f"dense{k}_units", space.dense_units, default=tutorial_units)
+            dropout = hp.Choice(f"dense{k}_dropout", DROPOUTS, default=tutorial_dropout)
+        if k <= n_dense:
+            dense.append((units, dropout))
+
+    options = {
+        "blocks": blocks,
+        "dense": dense,
+        "kernel_size": hp.Choice("kernel_size", (3, 5), default=3),
+        "batch_norm": hp.Boolean("batch_norm", default=False),
+        "augment": hp.Choice("augment", (0.0, 0.0625, 0.125), default=0.0),  # shift, as a fraction of the side
+    }
+    optimizer = hp.Choice("optimizer", ("adam", "adamw", "sgd"), default="adam")
+    with hp.conditional_scope("optimizer", ["adam", "adamw"]):
+        adam_rate = hp.Float("adam_learning_rate", 1e-4, 1e-2, sampling="log", default=1e-3)
+    with hp.conditional_scope("optimizer", ["sgd"]):
+        sgd_rate = hp.Float("sgd_learning_rate", 1e-3, 0.3, sampling="log", default=0.05)
+    schedule = hp.Choice("schedule", ("constant", "cosine"), default="constant")
+    recipe = {
+        "optimizer": optimizer,
+        "schedule": schedule,
+        "weight_decay": WEIGHT_DECAY[optimizer],
+        "warmup_fraction": 0.05 if schedule == "cosine" else 0.0,
+        "label_smoothing": hp.Choice("label_smoothing", (0.0, 0.1), default=0.0),
+    }
+    return {
+        "options": options,
+        "recipe": recipe,
+        "learning_rate": sgd_rate if optimizer == "sgd" else adam_rate,
+        "batch_size": hp.Choice("batch_size", (64, 128, 256), default=128),
+    }
