@@ -13,6 +13,9 @@ from conftest import PROJECT_ROOT, python_env
 from test_train import artifact_paths
 
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
+TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
+TUNE_PARAMS = {"tuner", "max_trials", "max_epochs", "executions_per_trial", "time_budget_minutes", "search_name",
+               "limit", "seed", "data_dir"}
 COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit"}
 
 
@@ -22,8 +25,15 @@ def mlproject() -> dict:
 
 def test_entry_points_and_typed_parameters():
     entries = mlproject()["entry_points"]
-    assert list(entries) == ENTRY_POINTS
-    for name, entry in entries.items():
+    assert list(entries) == ENTRY_POINTS + TUNE_ENTRY_POINTS
+    for name in TUNE_ENTRY_POINTS:
+        params, command = entries[name]["parameters"], entries[name]["command"]
+        assert TUNE_PARAMS <= set(params), name
+        assert command.startswith(f"python -m tuning.search --dataset {name.removeprefix('tune_')} ")
+        assert set(re.findall(r"{(\w+)}", command)) == set(params), name
+        assert params["tuner"]["default"] == "hyperband"
+    for name in ENTRY_POINTS:
+        entry = entries[name]
         params = entry["parameters"]
         assert COMMON_PARAMS <= set(params), name
         assert params["epochs"]["type"] == params["limit"]["type"] == params["batch_size"]["type"] == "int"
@@ -81,3 +91,34 @@ def test_mlflow_run_with_bad_input_fails_with_one_line():
     assert proc.returncode != 0
     assert "error: epochs must be a positive integer, got 0" in proc.stderr
     assert "Traceback" not in proc.stderr.split("error: epochs")[0]  # the training process printed no traceback
+
+
+def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_tracking):
+    from conftest import make_npz
+
+    make_npz(tmp_path / "cifar10.npz", n_train=60, n_test=21, shape=(32, 32, 3), classes=3)
+
+    def tune(max_trials):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", ".", "-e", "tune_cifar10", "--env-manager", "local",
+             "--experiment-name", "tuning", "-P", "tuner=random", "-P", f"max_trials={max_trials}",
+             "-P", "max_epochs=1", "-P", "search_name=entry", "-P", f"data_dir={tmp_path}"],
+            cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    out = tune(2)
+    assert re.search(r"^trial 2 of 2: val_accuracy=\d\.\d{4} best=\d\.\d{4} elapsed=\d+s \{", out, re.M)
+    tune(3)  # the same search_name: resumes, runs one more trial
+    runs = mlflow.search_runs(experiment_names=["tuning"], output_format="list")
+    by_role = {}
+    for run in runs:
+        by_role.setdefault(run.data.tags.get("search_role"), []).append(run)
+    [parent] = by_role["parent"]
+    [resume] = by_role["resume"]  # the second `mlflow run` is filed under the first as a resume record
+    assert parent.data.params["tuner"] == "random" and parent.info.status == "FINISHED"
+    assert resume.data.tags["mlflow.parentRunId"] == parent.info.run_id and resume.info.status == "FINISHED"
+    assert sorted(r.data.tags["trial_id"] for r in by_role["trial"]) == ["0", "1", "2"]
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_role["trial"] + by_role["best"])
+    assert all(r.info.status == "FINISHED" for r in runs)

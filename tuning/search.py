@@ -196,7 +196,9 @@ def resolve_parent(config: SearchConfig, wait_seconds: float = 0) -> tuple[str, 
             client.set_tag(launcher, "mlflow.parentRunId", parent)
             client.set_tag(launcher, "search_role", "resume")
             client.set_tag(launcher, "search_name", config.search_name)
-        return parent, not launcher
+        if client.get_run(parent).info.status != "RUNNING":
+            client.update_run(parent, status="RUNNING")  # resumed: running again until this process ends it
+        return parent, True
     if launcher:
         parent = launcher
     else:
