@@ -38,7 +38,7 @@ class SearchConfig:
     executions_per_trial: int = 1
     time_budget_minutes: float = 0.0  # 0: no limit
     search_name: str = ""  # default: <dataset>-<tuner>
-    limit: int = 0
+    limit: int = 0  # cap on the training split for the trials; the best is retrained on all of it
     seed: int = 0
     data_dir: str = ""
     image_size: int = 128
@@ -496,7 +496,8 @@ def retrain_best(tracker: Tracker, config: SearchConfig, trial, epochs: int):
             print(f"best trial {trial.trial_id} already retrained in run {run.info.run_id}", flush=True)
             return None
     choice = choose(trial.hyperparameters.copy(), get_space(config.dataset))
-    train_config = dataclasses.replace(config.train_config(epochs, **choice), validation_fraction=0.0)
+    # The whole training split: `limit` only makes the trials cheaper.
+    train_config = dataclasses.replace(config.train_config(epochs, **choice), validation_fraction=0.0, limit=0)
     tags = {
         "mlflow.parentRunId": tracker.parent.info.run_id,
         "search_name": config.search_name,
