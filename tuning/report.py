@@ -46,7 +46,7 @@ def plot_scores(table):
             points = ax.scatter(order, table["score"], c=np.log10(values.astype(float)), cmap="viridis")
             figure.colorbar(points, ax=ax, label="log10 learning rate")
         else:
-            for value in sorted(values.dropna().unique(), key=str):
+            for value in _sorted(values.dropna().unique()):
                 picked = values == value
                 ax.scatter(order[picked.to_numpy()], table["score"][picked], label=str(value))
             ax.legend(title=name, fontsize=7, title_fontsize=8)
@@ -59,3 +59,10 @@ def plot_scores(table):
     figure.suptitle("Search: validation accuracy by trial")
     figure.tight_layout()
     return figure
+
+
+def _sorted(values) -> list:
+    try:
+        return sorted(values)  # numbers in numeric order
+    except TypeError:
+        return sorted(values, key=str)

@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Full-size Keras Tuner searches on the shared data, one after another, each timed.
+# Usage: CNN_DATA_DIR=../shared/data bash benchmarks/tuning_runs.sh [name ...]   (names: see RUNS below)
+# Results go to the project's MLflow store (experiment benchmarks-tuning) and benchmarks/tuning_runs.log.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+declare -A RUNS=(
+  # Trials on a 10k stratified slice of the training split (9k train / 1k validation), the best
+  # retrained on all 50k images and scored on the 10k test images.
+  [cifar10_hyperband]="-e tune_cifar10 -P tuner=hyperband -P max_epochs=10 -P limit=10000 -P time_budget_minutes=35 -P search_name=bench-cifar10-hyperband"
+  [imagenette_hyperband]="-e tune_imagenette -P tuner=hyperband -P max_epochs=6 -P limit=3000 -P time_budget_minutes=30 -P search_name=bench-imagenette-hyperband"
+)
+names=("$@")
+[ ${#names[@]} -gt 0 ] || names=(cifar10_hyperband imagenette_hyperband)
+for name in "${names[@]}"; do
+  start=$(date +%s)
+  out=$(mlflow run . --env-manager local --experiment-name benchmarks-tuning ${RUNS[$name]} 2>&1 | tee "benchmarks/$name.out" | grep -E "^(best trial|test_accuracy=)" | tr '\n' ' ')
+  echo "$(date -u +%FT%TZ) $name wall_s=$(( $(date +%s) - start )) $out" | tee -a benchmarks/tuning_runs.log
+done
