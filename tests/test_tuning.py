@@ -149,6 +149,21 @@ def test_a_failing_trial_is_failed_with_its_error_and_the_search_goes_on(tiny_ci
     assert best.data.tags["trial_id"] in ("0", "2")
 
 
+def test_time_budget_stops_the_search_cleanly_and_reports_what_it_has(tiny_cifar, capsys):
+    started = time.time()
+    result = run_search(SearchConfig("cifar10", tuner="random", max_trials=50, max_epochs=50, patience=50,
+                                     time_budget_minutes=0.1, data_dir=str(tiny_cifar)))
+    assert time.time() - started < 120
+    trials = search_runs(search_role="trial")
+    assert 1 <= len(trials) < 50
+    assert all(r.info.status == "FINISHED" for r in trials)
+    # The running trial stopped after the epoch in which the budget ran out, long before 50 epochs.
+    assert all(len(mlflow.MlflowClient().get_metric_history(r.info.run_id, "val_accuracy")) < 50 for r in trials)
+    [parent] = search_runs(search_role="parent")
+    assert parent.info.status == "FINISHED" and "best_score" in parent.data.metrics
+    assert result is not None and search_runs(best="true")
+
+
 def test_images_too_small_for_the_space_fail_in_one_line(tmp_path, capsys):
     data_dir = tmp_path / "data"
     data_dir.mkdir()

@@ -544,6 +544,9 @@ def _boolean(text: str) -> bool:
 def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C, so open trial runs are closed as KILLED rather than left RUNNING.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
+    import tensorflow as tf
+
+    tf.get_logger().setLevel("ERROR")  # every trial builds a new model: retracing warnings are expected
     try:
         run_search(parse_args(argv))
     except UserError as exc:
