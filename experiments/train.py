@@ -38,6 +38,7 @@ from experiments.models import (
     DataSpec,
     Recipe,
     get_model_entry,
+    inference_model,
     list_models,
     portable,
     vgg16_features,
@@ -147,6 +148,7 @@ def train(
                 history = _fit(model, config, data, recipe, list(callbacks), initial_epoch)
                 probabilities = None
                 if evaluate:
+                    model = inference_model(model, recipe, spec)
                     probabilities = model.predict(_images(data.test, config.batch_size), verbose=0)
         finally:
             mlflow.keras.autolog(disable=True)

@@ -84,6 +84,25 @@ def test_logged_model_takes_uint8_and_predicts_like_the_trained_model(tiny_npz_d
         loaded.predict(batch.astype(np.float64))  # the signature is enforced
 
 
+def test_cnn_modern_serves_the_average_over_each_image_and_its_mirror(tmp_path):
+    from conftest import make_npz
+
+    make_npz(tmp_path / "cifar10.npz", n_train=64, n_test=16, shape=(32, 32, 3), classes=3)
+    result = train(dataset="cifar10", arch="cnn_modern", epochs=1, batch_size=16, data_dir=str(tmp_path))
+    run = mlflow.get_run(result.run_id)
+    assert run.data.params["recipe.test_time_flip"] == "True"
+    loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    batch = np.random.default_rng(1).integers(0, 255, size=(4, 32, 32, 3), dtype=np.uint8)
+    served = np.asarray(loaded.predict(batch))
+    # Flip-averaged: an image and its mirror image get the same prediction.
+    np.testing.assert_allclose(served, np.asarray(loaded.predict(batch[:, :, ::-1].copy())), atol=1e-6)
+    np.testing.assert_allclose(served.sum(axis=1), 1.0, atol=1e-5)
+    # The logged model is the one that was evaluated.
+    test_images = np.load(tmp_path / "cifar10.npz")["x_test"]
+    accuracy = np.mean(np.asarray(loaded.predict(test_images)).argmax(1) == np.load(tmp_path / "cifar10.npz")["y_test"])
+    assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
+
+
 def test_folder_run_counts_skipped_images(tmp_path):
     root = make_image_tree(tmp_path / "tree", classes=("red", "blue", "green"))
     (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
