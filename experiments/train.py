@@ -227,7 +227,12 @@ def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe) -> N
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_dict({**params, "class_names": data.class_names}, "config.json")
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *data.image_shape), "image")])
-    for split, context in ((data.train, "training"), (data.test, "testing")):
+    if config.validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
+        fit_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
+        splits = ((fit_split, "training"), (validation_split, "validation"))
+    else:
+        splits = ((data.train, "training"), (data.test, "testing"))
+    for split, context in splits:
         dataset = MetaDataset(
             source=_dataset_source(data.source),
             name=f"{data.name}-{context}",

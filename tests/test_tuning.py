@@ -69,6 +69,9 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
         history = client.get_metric_history(run.info.run_id, "val_accuracy")  # per epoch, from autolog
         assert 1 <= len(history) <= 2
         assert run.data.metrics["score"] == pytest.approx(max(m.value for m in history))
+        contexts = {tag.value for d in client.get_run(run.info.run_id).inputs.dataset_inputs for tag in d.tags
+                    if tag.key == "mlflow.data.context"}
+        assert contexts == {"training", "validation"}  # trials never see the test split
     # The first trial is the tutorial's cnn_deep with its recipe.
     first = min(trials, key=lambda r: r.data.tags["trial_id"])
     assert {k: first.data.params[k] for k in TUTORIAL_POINT} == TUTORIAL_POINT
