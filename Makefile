@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install train test ui
+.PHONY: install train tune test ui
 
 install: $(VENV)/.installed
 
@@ -15,6 +15,9 @@ $(VENV)/.installed: requirements.txt
 
 train: install  ## the tutorial's CIFAR-10 experiment, tracked in ./mlflow.db (ARGS="-P arch=cnn_modern ...")
 	mlflow run . -e cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
+
+tune: install  ## a Keras Tuner search on CIFAR-10 (ARGS="-P tuner=bayesian -P max_trials=20 ...")
+	mlflow run . -e tune_cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
 
 test: install
 	python -m pytest -q tests
