@@ -40,7 +40,6 @@ from experiments.models import (
     get_model_entry,
     inference_model,
     list_models,
-    portable,
     vgg16_features,
     vgg16_head_layers,
 )
@@ -135,8 +134,9 @@ def train(
     if model is not None and recipe.features:
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
 
+    splits = _fit_splits(config, data)
     with _tracking_run(config):
-        _log_run_metadata(config, data, recipe)
+        _log_run_metadata(config, data, recipe, splits)
         # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
         mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
         try:
@@ -145,7 +145,7 @@ def train(
             else:
                 if model is None:
                     model = get_model_entry(config.arch).build(spec, **config.options)
-                history = _fit(model, config, data, recipe, list(callbacks), initial_epoch)
+                history = _fit(model, config, data, recipe, splits, list(callbacks), initial_epoch)
                 probabilities = None
                 if evaluate:
                     model = inference_model(model, recipe, spec)
@@ -195,7 +195,15 @@ def _tracking_run(config: TrainConfig):
     return mlflow.start_run()
 
 
-def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe) -> None:
+def _fit_splits(config: TrainConfig, data: ImageData) -> tuple:
+    """((split, context), (split, context)): what the model fits on, and what it is validated on."""
+    if config.validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
+        fit_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
+        return (fit_split, "training"), (validation_split, "validation")
+    return (data.train, "training"), (data.test, "testing")
+
+
+def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe, splits: tuple) -> None:
     import mlflow
     from mlflow.data.meta_dataset import MetaDataset
     from mlflow.types import Schema, TensorSpec
@@ -227,11 +235,6 @@ def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe) -> N
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     mlflow.log_dict({**params, "class_names": data.class_names}, "config.json")
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *data.image_shape), "image")])
-    if config.validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
-        fit_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
-        splits = ((fit_split, "training"), (validation_split, "validation"))
-    else:
-        splits = ((data.train, "training"), (data.test, "testing"))
     for split, context in splits:
         dataset = MetaDataset(
             source=_dataset_source(data.source),
@@ -340,10 +343,9 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=False)
 
 
-def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, callbacks: list, initial_epoch: int) -> dict:
-    train_split, validation_split = data.train, data.test
-    if config.validation_fraction:
-        train_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
+def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, splits: tuple, callbacks: list,
+         initial_epoch: int) -> dict:
+    (train_split, _), (validation_split, _) = splits
     _compile(model, recipe, config, len(train_split), initial_epoch)
     train_batches = _batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     validation_batches = _batches(validation_split, config.batch_size, data.num_classes)
@@ -482,7 +484,7 @@ def _log_model(model, data: ImageData) -> None:
 
     # Explicit uint8 signature: autolog would record float32, and input_example is broken (mlflow #16183).
     mlflow.keras.log_model(
-        portable(model),
+        model,  # already stock layers: inference_model() or the VGG path
         name="model",
         signature=model_signature(data),
         metadata={"class_names": data.class_names, "dataset": data.name, "data_digest": data.test.digest},
