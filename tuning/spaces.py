@@ -19,7 +19,7 @@ class Space:
     dense: list  # its dense layers: [(units, dropout)], the defaults
     min_blocks: int
     max_blocks: int
-    widths: tuple  # filter counts a conv may pick
+    widths: tuple  # per block, the filter counts its convs may pick: wider only where the maps are small
     dense_units: tuple
     max_dense: int = 2
     max_convs: int = 2  # convs per block
@@ -32,7 +32,7 @@ SPACES = {
         dense=[(500, 0.4), (250, 0.3)],
         min_blocks=2,
         max_blocks=3,
-        widths=(32, 50, 64, 75, 96, 125, 128, 192, 256),
+        widths=((32, 50, 64, 75, 96), (64, 96, 125, 128, 192), (128, 192, 256)),
         dense_units=(128, 250, 256, 500, 512),
     ),
     "imagenette": Space(
@@ -41,7 +41,7 @@ SPACES = {
         dense=[(256, 0.5)],
         min_blocks=3,
         max_blocks=5,
-        widths=(32, 64, 96, 128, 192, 256),
+        widths=((16, 32, 48, 64), (32, 64, 96, 128), (64, 128, 192), (128, 192, 256), (128, 256, 384)),
         dense_units=(128, 256, 512),
     ),
 }
@@ -66,14 +66,14 @@ def choose(hp, space: Space) -> dict:
     n_blocks = hp.Int("conv_blocks", space.min_blocks, space.max_blocks, default=len(space.blocks))
     blocks = []
     for i in range(1, space.max_blocks + 1):
-        tutorial_widths, tutorial_dropout = space.blocks[i - 1] if i <= len(space.blocks) else ((space.widths[-1],), 0.25)
+        tutorial_widths, tutorial_dropout = space.blocks[i - 1] if i <= len(space.blocks) else ((space.widths[i - 1][-1],), 0.25)
         with hp.conditional_scope("conv_blocks", list(range(i, space.max_blocks + 1))):
             n_convs = hp.Int(f"block{i}_convs", 1, space.max_convs, default=len(tutorial_widths))
             widths = []
             for j in range(1, space.max_convs + 1):
                 with hp.conditional_scope(f"block{i}_convs", list(range(j, space.max_convs + 1))):
                     default = tutorial_widths[min(j, len(tutorial_widths)) - 1]
-                    widths.append(hp.Choice(f"block{i}_width{j}", space.widths, default=default))
+                    widths.append(hp.Choice(f"block{i}_width{j}", space.widths[i - 1], default=default))
             dropout = hp.Choice(f"block{i}_dropout", DROPOUTS, default=tutorial_dropout)
         if i <= n_blocks:
             blocks.append((tuple(widths[:n_convs]), dropout))
