@@ -14,6 +14,7 @@ from test_train import artifact_paths
 
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
+REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment"}, "rollback": {"model_name"}}
 TUNE_PARAMS = {"tuner", "max_trials", "max_epochs", "executions_per_trial", "time_budget_minutes", "search_name",
                "limit", "seed", "data_dir"}
 COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit"}
@@ -25,7 +26,10 @@ def mlproject() -> dict:
 
 def test_entry_points_and_typed_parameters():
     entries = mlproject()["entry_points"]
-    assert list(entries) == ENTRY_POINTS + TUNE_ENTRY_POINTS
+    assert list(entries) == ENTRY_POINTS + TUNE_ENTRY_POINTS + list(REGISTRY_ENTRY_POINTS)
+    for name, params in REGISTRY_ENTRY_POINTS.items():
+        assert set(entries[name]["parameters"]) == params
+        assert set(re.findall(r"{(\w+)}", entries[name]["command"])) == params
     for name in TUNE_ENTRY_POINTS:
         params, command = entries[name]["parameters"], entries[name]["command"]
         assert TUNE_PARAMS <= set(params), name
@@ -122,3 +126,32 @@ def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_t
     assert sorted(r.data.tags["trial_id"] for r in by_role["trial"]) == ["0", "1", "2"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_role["trial"] + by_role["best"])
     assert all(r.info.status == "FINISHED" for r in runs)
+
+
+def test_promote_and_rollback_entry_points(tmp_path, isolated_tracking):
+    from conftest import make_npz
+    from test_registry import trained
+
+    make_npz(tmp_path / "cifar10.npz", n_train=40, n_test=20, shape=(32, 32, 3), classes=3)
+
+    def run(entry, *params):
+        proc = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", ".", "-e", entry, "--env-manager", "local",
+             "--experiment-name", "promotions", *[a for p in params for a in ("-P", p)]],
+            cwd=PROJECT_ROOT, env={k: v for k, v in python_env().items() if k != "MLFLOW_EXPERIMENT_ID"}, capture_output=True, text=True, timeout=600,
+        )
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stdout
+
+    first = trained(tmp_path, 0.5)
+    assert f"cifar10: version 1 = run {first} (cnn_simple, test_accuracy=0.5000) is now champion" in run(
+        "promote", "dataset=cifar10")
+    trained(tmp_path, 0.9)
+    assert "would be registered as champion" in run("promote", "dataset=cifar10", "dry_run=true")
+    assert "cifar10: version 2 = run" in run("promote", "dataset=cifar10")
+    assert "champion moves from version 2 back to version 1" in run("rollback", "model_name=cifar10")
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias("cifar10", "champion").version) == "1"
+    launches = mlflow.search_runs(experiment_names=["promotions"], output_format="list")
+    assert sorted(r.data.tags["promotion"] for r in launches) == ["promote"] * 3 + ["rollback"]
+    assert all(r.info.status == "FINISHED" for r in launches)

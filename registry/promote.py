@@ -1,0 +1,317 @@
+"""Promote the best finished run of a dataset to the MLflow model registry, behind the alias `champion`.
+
+    python -m registry.promote --dataset cifar10 [--metric test_accuracy] [--dry-run true] [--experiment NAME]
+    python -m registry.promote --rollback cifar10        # champion back to the previous champion
+
+Candidates are the dataset's finished training runs and the tuning searches' `best=true` runs that
+logged the metric and a model. Only runs scored on the same test split (tag `data_digest`: the
+champion's, else the newest candidate's, else `--data-digest`) are compared. Models trained from
+scratch register as `<dataset>`, the VGG16 transfer model as `<dataset>-vgg16`.
+
+The best run not yet registered becomes a new version (its Keras model wrapped in
+registry/classifier.py, the pyfunc that serves raw pixels or encoded images). It takes `champion`
+only if it beats the current champion on the metric; otherwise it gets `challenger`. Promoting again
+with no new runs changes nothing. A rolled-back version is tagged `rolled_back=true`; its run, like
+every registered run, is not considered again.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+from experiments.errors import UserError
+
+CHAMPION = "champion"
+CHALLENGER = "challenger"
+CLASSIFIER_CODE = Path(__file__).with_name("classifier.py")
+NOT_CANDIDATES = {"trial", "parent", "resume"}  # tuning runs that hold no test-scored model
+
+
+@dataclasses.dataclass
+class Candidate:
+    run_id: str
+    arch: str
+    value: float
+    data_digest: str
+    git_commit: str
+    start_time: int
+
+
+@dataclasses.dataclass
+class Decision:
+    name: str  # registered model
+    action: str  # "champion", "challenger", "unchanged", "none", or "would ..." in a dry run
+    version: str | None
+    run_id: str | None
+    value: float | None
+    message: str
+
+
+    def __post_init__(self):
+        self.version = None if self.version is None else str(self.version)  # MLflow returns int or str
+
+
+def registered_name(dataset: str, arch: str) -> str:
+    return f"{dataset}-vgg16" if arch == "vgg16_head" else dataset
+
+
+def lower_is_better(metric: str) -> bool:
+    return "loss" in metric or "error" in metric
+
+
+# --- Promotion -----------------------------------------------------------------------------------
+
+
+def promote(dataset: str, metric: str = "test_accuracy", dry_run: bool = False, experiment: str = "",
+            data_digest: str = "", client=None) -> list[Decision]:
+    """Promote the best candidate of each registered model of `dataset`; returns what was decided."""
+    client = client or _client()
+    candidates = find_candidates(client, dataset, metric, experiment)
+    if not candidates:
+        where = f"experiment {experiment!r}" if experiment else "any experiment"
+        raise UserError(
+            f"no finished run of dataset {dataset!r} with metric {metric!r} in {where}; "
+            f"train one first, e.g. mlflow run . -e {dataset}"
+        )
+    groups: dict[str, list[Candidate]] = {}
+    for candidate in candidates:
+        groups.setdefault(registered_name(dataset, candidate.arch), []).append(candidate)
+    return [_promote_group(client, name, group, metric, dry_run, data_digest) for name, group in sorted(groups.items())]
+
+
+def find_candidates(client, dataset: str, metric: str, experiment: str = "") -> list[Candidate]:
+    if experiment:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise UserError(f"no experiment named {experiment!r}; leave `experiment` empty to search them all")
+        experiment_ids = [found.experiment_id]
+    else:
+        experiment_ids = [e.experiment_id for e in client.search_experiments()]
+    runs = client.search_runs(
+        experiment_ids, f"tags.dataset = '{dataset}' and attributes.status = 'FINISHED'", max_results=50_000
+    )
+    return [
+        Candidate(
+            run_id=run.info.run_id,
+            arch=run.data.tags.get("arch", ""),
+            value=run.data.metrics[metric],
+            data_digest=run.data.tags.get("data_digest", ""),
+            git_commit=run.data.tags.get("git_commit", "unknown"),
+            start_time=run.info.start_time,
+        )
+        for run in runs
+        if metric in run.data.metrics and run.data.tags.get("search_role") not in NOT_CANDIDATES
+    ]
+
+
+def _promote_group(client, name: str, candidates: list[Candidate], metric: str, dry_run: bool,
+                   data_digest: str) -> Decision:
+    champion = _alias(client, name, CHAMPION)
+    champion_value = None
+    if champion is not None:
+        metrics = client.get_run(champion.run_id).data.metrics
+        if metric not in metrics:
+            raise UserError(f"{name}@{CHAMPION} (version {champion.version}) has no metric {metric!r}; "
+                            f"promote by the metric it was chosen by (default test_accuracy)")
+        champion_value = metrics[metric]
+    newest = max(candidates, key=lambda c: c.start_time)
+    digest = data_digest or (champion.tags.get("data_digest") if champion else "") or newest.data_digest
+    comparable = [c for c in candidates if c.data_digest == digest]
+    skipped = len(candidates) - len(comparable)
+    note = f" ({skipped} run(s) on another test split not compared)" if skipped else ""
+    versus = "no champion yet" if champion is None else (
+        f"champion version {champion.version} has {metric}={champion_value:.4f}")
+    # Runs already registered (as champion, challenger, or rolled back) have had their turn.
+    registered = {v.run_id for v in _versions(client, name)}
+    fresh = [c for c in comparable if c.run_id not in registered]
+    if not fresh:
+        return _report(Decision(name, "unchanged", champion.version if champion else None, None, None,
+                                f"{name}: no new run on test split {digest} since the last promotion; {versus}{note}"))
+
+    sign = 1 if lower_is_better(metric) else -1
+    best = min(fresh, key=lambda c: (sign * c.value, c.start_time))
+    beats = champion is None or sign * best.value < sign * champion_value
+    alias = CHAMPION if beats else CHALLENGER
+    summary = f"run {best.run_id} ({best.arch}, {metric}={best.value:.4f})"
+    if dry_run:
+        return _report(Decision(name, f"would be {alias}", None, best.run_id, best.value,
+                                f"{name}: dry run: {summary} would be registered as {alias}; {versus}{note}"))
+    version = _register(client, name, best, metric)
+    client.set_registered_model_alias(name, alias, version.version)
+    if beats:
+        history = _champion_history(client, name) + [str(version.version)]
+        client.set_registered_model_tag(name, "champion_history", json.dumps(history))
+    return _report(Decision(name, alias, version.version, best.run_id, best.value,
+                            f"{name}: version {version.version} = {summary} is now {alias}; {versus}{note}"))
+
+
+def rollback(name: str, dry_run: bool = False, client=None) -> Decision:
+    """Move `champion` back to the version that held it before; the demoted version is never promoted again."""
+    client = client or _client()
+    champion = _alias(client, name, CHAMPION)
+    if champion is None:
+        raise UserError(f"{name} has no {CHAMPION} to roll back; run promote first")
+    history = _champion_history(client, name)
+    while history and history[-1] == str(champion.version):
+        history.pop()
+    if not history:
+        raise UserError(f"{name}: version {champion.version} is the first recorded {CHAMPION}; nothing to roll back to")
+    previous = history[-1]
+    message = f"{name}: {CHAMPION} moves from version {champion.version} back to version {previous}"
+    if dry_run:
+        return _report(Decision(name, "would roll back", previous, None, None, f"dry run: {message}"))
+    client.set_registered_model_alias(name, CHAMPION, previous)
+    client.set_model_version_tag(name, champion.version, "rolled_back", "true")
+    client.set_registered_model_tag(name, "champion_history", json.dumps(history))
+    restored = client.get_model_version(name, previous)
+    return _report(Decision(name, "rolled back", previous, restored.run_id, None,
+                            f"{message}; version {champion.version} is tagged rolled_back=true"))
+
+
+# --- Registry helpers ----------------------------------------------------------------------------
+
+
+def _client():
+    import mlflow
+
+    from experiments.train import default_tracking_uri
+
+    mlflow.set_tracking_uri(default_tracking_uri())
+    mlflow.set_registry_uri(default_tracking_uri())
+    return mlflow.MlflowClient()
+
+
+def _alias(client, name: str, alias: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client.get_model_version_by_alias(name, alias)
+    except MlflowException:  # no such registered model or alias
+        return None
+
+
+def _versions(client, name: str) -> list:
+    return list(client.search_model_versions(f"name = '{name}'", max_results=10_000))
+
+
+def _champion_history(client, name: str) -> list[str]:
+    return json.loads(client.get_registered_model(name).tags.get("champion_history", "[]"))
+
+
+def _register(client, name: str, best: Candidate, metric: str):
+    import mlflow
+
+    uri = log_serving_model(client, best.run_id)
+    tags = {
+        "dataset": client.get_run(best.run_id).data.tags.get("dataset", ""),
+        "arch": best.arch,
+        "test_accuracy": str(client.get_run(best.run_id).data.metrics.get("test_accuracy", "")),
+        "data_digest": best.data_digest,
+        "git_commit": best.git_commit,
+        "source_run": best.run_id,
+        metric: str(best.value),
+    }
+    if not client.search_registered_models(f"name = '{name}'"):
+        client.create_registered_model(name, description=(
+            f"Image classifier for {name}. Serve: mlflow models serve -m models:/{name}@{CHAMPION} "
+            "--env-manager local. Input: uint8 pixels (N, H, W, C) or base64 JPEG/PNG images."))
+    version = mlflow.register_model(uri, name, tags=tags)
+    client.update_model_version(name, version.version, description=(
+        f"{best.arch} from run {best.run_id}: {metric}={best.value:.4f} on test split {best.data_digest}, "
+        f"commit {best.git_commit}."))
+    return client.get_model_version(name, version.version)
+
+
+def log_serving_model(client, run_id: str) -> str:
+    """Wrap the run's Keras model in the serving pyfunc (registry/classifier.py); log it to the same run."""
+    import importlib.metadata
+
+    import mlflow
+    import numpy as np
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, Schema
+    from mlflow.types.schema import Array
+
+    source = f"runs:/{run_id}/model"
+    info = mlflow.models.get_model_info(source)
+    class_names = list(info.metadata["class_names"])
+    image_shape = [int(d) for d in info.signature.inputs.inputs[0].shape[1:]]
+    outputs = Schema([
+        ColSpec("long", "class_index"),
+        ColSpec("string", "label"),
+        ColSpec("float", "confidence"),
+        ColSpec(Array("float"), "probabilities"),
+    ])
+    packages = ["mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow"]
+    with tempfile.TemporaryDirectory() as tmp:
+        keras_path = Path(tmp) / "model.keras"
+        mlflow.keras.load_model(source).save(keras_path)
+        logged = Model.log(
+            artifact_path=None,
+            name="serving",
+            flavor=mlflow.pyfunc,
+            run_id=run_id,
+            python_model=str(CLASSIFIER_CODE),
+            artifacts={"keras_model": str(keras_path)},
+            model_config={"class_names": class_names, "image_shape": image_shape},
+            signature=ModelSignature(outputs=outputs),
+            input_example=np.zeros((1, *image_shape), np.uint8),  # also checks the wrapper loads and predicts
+            metadata={**info.metadata, "input": f"uint8 (N, {', '.join(map(str, image_shape))}) or base64 images"},
+            pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in packages],
+        )
+    return logged.model_uri
+
+
+def _report(decision: Decision) -> Decision:
+    print(decision.message, flush=True)
+    return decision
+
+
+# --- Command line --------------------------------------------------------------------------------
+
+
+def _boolean(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes"):
+        return True
+    if text.lower() in ("0", "false", "no", ""):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m registry.promote", description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="", help="promote the best runs of this dataset")
+    parser.add_argument("--metric", default="test_accuracy")
+    parser.add_argument("--dry-run", type=_boolean, default=False, nargs="?", const=True)
+    parser.add_argument("--experiment", default="", help="only runs of this experiment (default: all)")
+    parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
+    parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")
+    args = parser.parse_args(argv)
+    try:
+        if args.rollback:
+            decisions = [rollback(args.rollback, args.dry_run)]
+        elif args.dataset:
+            decisions = promote(args.dataset, args.metric, args.dry_run, args.experiment, args.data_digest)
+        else:
+            raise UserError("give --dataset NAME to promote, or --rollback NAME")
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the launcher's run records the decisions
+        import mlflow
+
+        client = mlflow.MlflowClient()
+        run_id = os.environ["MLFLOW_RUN_ID"]
+        client.set_tag(run_id, "promotion", "rollback" if args.rollback else "promote")
+        client.log_dict(run_id, [dataclasses.asdict(d) for d in decisions], "promotion.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

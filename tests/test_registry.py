@@ -1,0 +1,232 @@
+"""Promotion on a real sqlite registry, and a real `mlflow models serve` of the champion over HTTP."""
+
+from __future__ import annotations
+
+import base64
+import io
+import json
+import re
+import subprocess
+import sys
+import urllib.error
+import urllib.request
+
+import mlflow
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import PROJECT_ROOT, make_npz, python_env, served
+from experiments.errors import UserError
+from experiments.train import train
+from registry import promote as registry
+
+
+@pytest.fixture
+def tiny_cifar(tmp_path):
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "cifar10.npz", n_train=60, n_test=30, shape=(32, 32, 3), classes=3)
+    return data_dir
+
+
+def trained(data_dir, accuracy=None, arch="cnn_simple", **options) -> str:
+    """A real tiny training run; `accuracy` overrides its test_accuracy to set the ranking."""
+    result = train(dataset="cifar10", arch=arch, epochs=1, batch_size=16, data_dir=str(data_dir), **options)
+    if accuracy is not None:
+        mlflow.MlflowClient().log_metric(result.run_id, "test_accuracy", accuracy, step=1)  # the latest value
+    return result.run_id
+
+
+def champion(name="cifar10") -> str:
+    return str(mlflow.MlflowClient().get_model_version_by_alias(name, "champion").version)
+
+
+def versions(name="cifar10") -> dict[str, object]:
+    return {str(v.version): v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")}
+
+
+def test_champion_moves_only_on_improvement_and_promotion_is_idempotent(tiny_cifar, tmp_path):
+    client = mlflow.MlflowClient()
+    first = trained(tiny_cifar, 0.5)
+    [decision] = registry.promote("cifar10")
+    assert (decision.action, decision.version, decision.run_id) == ("champion", "1", first)
+    version = versions()["1"]
+    assert version.run_id == first
+    assert version.tags["source_run"] == first
+    assert version.tags["arch"] == "cnn_simple"
+    assert version.tags["test_accuracy"] == "0.5"
+    assert version.tags["dataset"] == "cifar10"
+    assert version.tags["data_digest"] == client.get_run(first).data.tags["data_digest"]
+    assert version.tags["git_commit"] == client.get_run(first).data.tags["git_commit"]
+    assert "cnn_simple" in version.description and first in version.description
+
+    assert registry.promote("cifar10")[0].action == "unchanged"  # idempotent: no new version, same aliases
+    assert list(versions()) == ["1"]
+
+    worse = trained(tiny_cifar, 0.4)
+    [decision] = registry.promote("cifar10")
+    assert (decision.action, decision.version, decision.run_id) == ("challenger", "2", worse)
+    assert champion() == "1"
+    assert str(client.get_model_version_by_alias("cifar10", "challenger").version) == "2"
+    assert registry.promote("cifar10")[0].action == "unchanged"
+    assert sorted(versions()) == ["1", "2"]
+
+    better = trained(tiny_cifar, 0.9)
+    assert registry.promote("cifar10", dry_run=True)[0].action == "would be champion"
+    assert champion() == "1" and sorted(versions()) == ["1", "2"]  # a dry run changes nothing
+    [decision] = registry.promote("cifar10")
+    assert (decision.action, decision.version, decision.run_id) == ("champion", "3", better)
+    assert champion() == "3"
+
+    # Rollback: champion back to version 1; version 3 is never promoted again.
+    assert registry.rollback("cifar10").version == "1"
+    assert champion() == "1"
+    assert versions()["3"].tags["rolled_back"] == "true"
+    assert registry.promote("cifar10")[0].action == "unchanged"
+    assert champion() == "1"
+    with pytest.raises(UserError, match="nothing to roll back to"):
+        registry.rollback("cifar10")
+
+    # A run scored on another test split is not compared, however good.
+    other = tmp_path / "other"
+    other.mkdir()
+    make_npz(other / "cifar10.npz", n_train=60, n_test=30, shape=(32, 32, 3), classes=3, seed=7)
+    trained(other, 1.0)
+    [decision] = registry.promote("cifar10")
+    assert decision.action == "unchanged" and "1 run(s) on another test split not compared" in decision.message
+
+
+def test_a_tuning_best_run_competes_and_lower_is_better_for_losses(tiny_cifar):
+    plain = trained(tiny_cifar, 0.5)
+    best = trained(tiny_cifar, 0.8)
+    mlflow.MlflowClient().set_tag(best, "best", "true")
+    mlflow.MlflowClient().set_tag(best, "search_role", "best")
+    trial = trained(tiny_cifar, 0.99)
+    mlflow.MlflowClient().set_tag(trial, "search_role", "trial")  # trials never compete
+    assert registry.promote("cifar10")[0].run_id == best
+    client = mlflow.MlflowClient()
+    client.log_metric(plain, "test_loss", 0.01, step=1)
+    assert registry.promote("cifar10", metric="test_loss", dry_run=True)[0].run_id == plain
+
+
+def test_promote_without_runs_fails_in_one_line(capsys):
+    assert registry.main(["--dataset", "imagenette"]) == 2
+    [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert err == ("error: no finished run of dataset 'imagenette' with metric 'test_accuracy' in any experiment; "
+                   "train one first, e.g. mlflow run . -e imagenette")
+    assert registry.main(["--dataset", "cifar10", "--experiment", "nope"]) == 2
+    assert "no experiment named 'nope'" in capsys.readouterr().err
+
+
+# --- Serving -------------------------------------------------------------------------------------
+
+
+def post(url, payload, raw: bytes | None = None):
+    """(status, JSON body) of POST /invocations."""
+    data = raw if raw is not None else json.dumps(payload).encode()
+    request = urllib.request.Request(f"{url}/invocations", data, {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as exc:
+        return exc.code, json.loads(exc.read())
+
+
+def encoded(pixels: np.ndarray, fmt: str = "PNG") -> str:
+    buffer = io.BytesIO()
+    Image.fromarray(pixels.squeeze()).save(buffer, format=fmt)
+    return base64.b64encode(buffer.getvalue()).decode()
+
+
+BAD_REQUESTS = {  # name: (payload builder, a fragment of the 400 message)
+    "wrong shape": (lambda x: {"inputs": x[:, :28, :28].tolist()}, "images are 28x28, the model takes 32x32"),
+    "wrong dtype": (lambda x: {"inputs": (x / 255).tolist()}, "pixels must be uint8 integers 0-255, got dtype float64"),
+    "out of range": (lambda x: {"inputs": (x.astype(int) + 256).tolist()}, "pixels must be uint8 integers 0-255"),
+    "wrong channels": (lambda x: {"inputs": x[..., :1].tolist()}, "images have 1 channels, the model takes 3"),
+    "empty batch": (lambda x: {"inputs": []}, "empty batch"),
+    "not base64": (lambda x: {"inputs": ["this is not base64!"]}, "image 0 is not valid base64"),
+    "not an image": (lambda x: {"inputs": [base64.b64encode(b"hello, world").decode()]}, "image 0 is not an image"),
+    "truncated jpeg": (
+        lambda x: {"inputs": [base64.b64encode(base64.b64decode(encoded(x[0], "JPEG"))[:300]).decode()]},
+        "image 0 could not be decoded",
+    ),
+    "over the size cap": (
+        lambda x: {"inputs": [encoded(np.zeros((300, 300, 3), np.uint8))]}, "is 300x300 (90,000 pixels), over the cap of 5,000 pixels"
+    ),
+    "over the batch cap": (lambda x: {"inputs": np.repeat(x[:1], 9, axis=0).tolist()}, "over the cap of 8"),
+}
+
+
+def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
+    """Tensor, instances and base64 forms agree with a local pyfunc load; every bad request is a 400."""
+    local = mlflow.pyfunc.load_model(f"models:/{name}@champion")
+    expected = local.predict(images)
+    assert set(expected.columns) == {"class_index", "label", "confidence", "probabilities"}
+    class_names = local.metadata.metadata["class_names"]
+
+    status, body = post(url, {"inputs": images.tolist()})
+    assert status == 200
+    rows = body["predictions"]
+    assert [r["class_index"] for r in rows] == expected["class_index"].tolist()
+    assert [r["label"] for r in rows] == [class_names[i] for i in expected["class_index"]]
+    np.testing.assert_allclose([r["probabilities"] for r in rows], np.stack(expected["probabilities"]), atol=1e-5)
+    assert post(url, {"instances": images.tolist()}) == (200, body)
+
+    # PNG at the model's size is lossless: same answer as the pixels. A bigger JPEG is resized inside.
+    status, body = post(url, {"inputs": [encoded(image) for image in images]})
+    assert status == 200 and [r["class_index"] for r in body["predictions"]] == expected["class_index"].tolist()
+    photo = np.random.default_rng(3).integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
+    status, body = post(url, {"inputs": [f"data:image/jpeg;base64,{encoded(photo, 'JPEG')}"]})
+    assert status == 200
+    assert body["predictions"][0]["label"] == local.predict([encoded(photo, "JPEG")])["label"][0]
+
+    for case, (payload, fragment) in BAD_REQUESTS.items():
+        status, body = post(url, payload(images))
+        assert status == 400, case
+        assert fragment in body["message"], (case, body["message"][-300:])
+    assert post(url, None, raw=b"{not json")[0] == 400
+    assert post(url, {"inputs": images[:1].tolist()})[0] == 200  # still serving
+
+    # The client: a folder of image files, through the server and locally.
+    folder = tmp_path / "photos"
+    folder.mkdir(exist_ok=True)
+    for n, image in enumerate(images):
+        Image.fromarray(image).save(folder / f"img{n}.png")
+    for source in (["--url", url], ["--model", f"models:/{name}@champion"]):
+        out = subprocess.run([sys.executable, "-m", "registry.predict", str(folder), *source], cwd=PROJECT_ROOT,
+                             env=python_env(), capture_output=True, text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        lines = out.stdout.strip().splitlines()
+        assert lines[0].split() == ["file", "label", "confidence"]
+        assert [line.split()[1] for line in lines[1:]] == expected["label"].tolist()
+
+
+def test_champion_is_served_over_http_in_both_forms_and_rejects_bad_input(tiny_cifar, tmp_path, isolated_tracking):
+    trained(tiny_cifar)
+    registry.promote("cifar10")
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
+    with served("models:/cifar10@champion", MLFLOW_TRACKING_URI=isolated_tracking,
+                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000") as url:
+        check_serving(url, "cifar10", images, tmp_path)
+
+        # The README's curl lines, as a user would paste them.
+        readme = (PROJECT_ROOT / "README.md").read_text().split("## Serving", 1)[1]
+        script = "\n".join(line for line in readme.split("```bash", 1)[1].split("```", 1)[0].splitlines()
+                           if "curl" in line or line.startswith("python -c"))
+        Image.fromarray(images[0]).save(tmp_path / "cat.jpg")
+        answers = subprocess.run(["bash", "-c", script.replace("127.0.0.1:5000", url.removeprefix("http://"))],
+                                 cwd=tmp_path, env=python_env(), capture_output=True, text=True, timeout=120)
+        replies = [json.loads(line) for line in re.findall(r"\{.*?\]\}\]\}", answers.stdout)]
+        assert len(replies) == 2, answers.stdout + answers.stderr
+        assert all(len(reply["predictions"]) == 1 for reply in replies)
+
+
+def test_vgg16_head_is_promoted_under_its_own_name_and_served(tiny_cifar, tmp_path, isolated_tracking):
+    run_id = trained(tiny_cifar, arch="vgg16_head", weights="none")
+    [decision] = registry.promote("cifar10")
+    assert (decision.name, decision.action, decision.run_id) == ("cifar10-vgg16", "champion", run_id)
+    images = np.random.default_rng(1).integers(0, 255, size=(2, 32, 32, 3), dtype=np.uint8)
+    with served("models:/cifar10-vgg16@champion", MLFLOW_TRACKING_URI=isolated_tracking,
+                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000") as url:
+        check_serving(url, "cifar10-vgg16", images, tmp_path)
