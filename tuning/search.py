@@ -484,7 +484,11 @@ def summarize(tuner, tracker: Tracker, config: SearchConfig):
     print(f"best trial {best_trial.trial_id}: {OBJECTIVE}={best_row['score']:.4f} {json.dumps(values)}", flush=True)
     if not config.retrain:
         return None
-    return retrain_best(tracker, config, best_trial, int(best_row["best_epoch"]))
+    # A trial Hyperband stopped short (a low bracket) tells which configuration, not how long:
+    # retrain it for the full max_epochs. One that had them all stops at its best epoch.
+    budget = int(best_trial.hyperparameters.values.get("tuner/epochs", config.max_epochs))
+    epochs = int(best_row["best_epoch"]) if budget >= config.max_epochs else config.max_epochs
+    return retrain_best(tracker, config, best_trial, epochs)
 
 
 def retrain_best(tracker: Tracker, config: SearchConfig, trial, epochs: int):
