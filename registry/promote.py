@@ -4,8 +4,8 @@
     python -m registry.promote --rollback cifar10        # champion back to the previous champion
 
 Candidates are the dataset's finished training runs and the tuning searches' `best=true` runs that
-logged the metric and a model. Only runs scored on the same test split (tag `data_digest`: the
-champion's, else the newest candidate's, else `--data-digest`) are compared. Models trained from
+logged the metric and a model. Only runs scored on the same test split are compared (tag
+`data_digest`: `--data-digest` if given, else the champion's, else the newest candidate's). Models trained from
 scratch register as `<dataset>`, the VGG16 transfer model as `<dataset>-vgg16`.
 
 The best run not yet registered becomes a new version (its Keras model wrapped in

@@ -77,6 +77,15 @@ def tiny_npz_dir(tmp_path) -> Path:
 
 
 @pytest.fixture
+def tiny_cifar(tmp_path) -> Path:
+    """A folder with a 3-class, CIFAR-10-shaped cifar10.npz (90 train, 30 test images)."""
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    make_npz(data_dir / "cifar10.npz", n_train=90, n_test=30, shape=(32, 32, 3), classes=3)
+    return data_dir
+
+
+@pytest.fixture
 def image_tree(tmp_path) -> Path:
     return make_image_tree(tmp_path / "shapes")
 

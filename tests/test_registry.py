@@ -22,14 +22,6 @@ from experiments.train import train
 from registry import promote as registry
 
 
-@pytest.fixture
-def tiny_cifar(tmp_path):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    make_npz(data_dir / "cifar10.npz", n_train=60, n_test=30, shape=(32, 32, 3), classes=3)
-    return data_dir
-
-
 def trained(data_dir, accuracy=None, arch="cnn_simple", **options) -> str:
     """A real tiny training run; `accuracy` overrides its test_accuracy to set the ranking."""
     result = train(dataset="cifar10", arch=arch, epochs=1, batch_size=16, data_dir=str(data_dir), **options)

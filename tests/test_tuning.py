@@ -19,14 +19,6 @@ from conftest import PROJECT_ROOT, make_npz, python_env
 from tuning.search import SearchConfig, check_search_state, main, run_search
 
 
-@pytest.fixture
-def tiny_cifar(tmp_path):
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    make_npz(data_dir / "cifar10.npz", n_train=90, n_test=30, shape=(32, 32, 3), classes=3)
-    return data_dir
-
-
 def errors(capsys) -> list[str]:
     return [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
