@@ -140,7 +140,8 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["models:/cifar10@champion", "models:/imagenette@champion"])
     parser.add_argument("--requests", type=int, default=1000, help="per model, form and client count")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--workers", type=int, default=os.cpu_count(), help="uvicorn workers per server")
+    # One worker: here every request to a 2-worker uvicorn took ~45 ms longer, even for the identity model.
+    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (MLFLOW_MODELS_WORKERS)")
     args = parser.parse_args(argv)
 
     mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}")
