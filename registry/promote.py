@@ -52,7 +52,6 @@ class Decision:
     value: float | None
     message: str
 
-
     def __post_init__(self):
         self.version = None if self.version is None else str(self.version)  # MLflow returns int or str
 
@@ -208,10 +207,11 @@ def _register(client, name: str, best: Candidate, metric: str):
     import mlflow
 
     uri = log_serving_model(client, best.run_id)
+    run = client.get_run(best.run_id)
     tags = {
-        "dataset": client.get_run(best.run_id).data.tags.get("dataset", ""),
+        "dataset": run.data.tags.get("dataset", ""),
         "arch": best.arch,
-        "test_accuracy": str(client.get_run(best.run_id).data.metrics.get("test_accuracy", "")),
+        "test_accuracy": str(run.data.metrics.get("test_accuracy", "")),
         "data_digest": best.data_digest,
         "git_commit": best.git_commit,
         "source_run": best.run_id,

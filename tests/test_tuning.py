@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -15,7 +14,7 @@ import mlflow
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, make_npz, python_env
+from conftest import PROJECT_ROOT, free_port, make_npz, python_env
 from tuning.search import SearchConfig, check_search_state, main, run_search
 
 
@@ -218,14 +217,8 @@ def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_p
     assert len(search_runs(client, best="true")) == 1
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_distributed_chief_and_two_workers_log_every_trial_once(tmp_path, tiny_cifar):
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(
         [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
          "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
