@@ -18,11 +18,7 @@ import io
 import json
 import os
 import platform
-import signal
-import socket
-import subprocess
 import sys
-import tempfile
 import threading
 import time
 from pathlib import Path
@@ -31,6 +27,8 @@ import mlflow
 import numpy as np
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(PROJECT_ROOT))
+from registry.serve import serving  # noqa: E402
 
 
 class Identity(mlflow.pyfunc.PythonModel):
@@ -61,40 +59,6 @@ def payloads(shape: tuple) -> dict[str, bytes]:
         "pixels": json.dumps({"inputs": [pixels.tolist()]}).encode(),
         "png": json.dumps({"inputs": [base64.b64encode(png.getvalue()).decode()]}).encode(),
     }
-
-
-class Server:
-    def __init__(self, model_uri: str, workers: int):
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        env = {**os.environ, "MLFLOW_MODELS_WORKERS": str(workers),
-               "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-        self.log = tempfile.TemporaryFile()
-        self.process = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-             "-h", "127.0.0.1", "-p", str(self.port)],
-            env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
-        deadline = time.monotonic() + 300
-        while not self._ping():
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.log.seek(0)
-                raise RuntimeError(f"{model_uri} did not serve:\n{self.log.read().decode()[-3000:]}")
-            time.sleep(0.5)
-
-    def _ping(self) -> bool:
-        try:
-            connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=2)
-            connection.request("GET", "/ping")
-            return connection.getresponse().status == 200
-        except OSError:
-            return False
-
-    def close(self):
-        os.killpg(self.process.pid, signal.SIGTERM)
-        self.process.wait(timeout=60)
-        self.log.close()
 
 
 def hammer(port: int, body: bytes, clients: int, requests: int) -> dict:
@@ -140,7 +104,7 @@ def main(argv=None) -> int:
     parser.add_argument("--models", nargs="+", default=["models:/cifar10@champion", "models:/imagenette@champion"])
     parser.add_argument("--requests", type=int, default=1000, help="per model, form and client count")
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    # One worker: here every request to a 2-worker uvicorn took ~45 ms longer, even for the identity model.
+    # One worker: see registry/serve.py for why more are slower here.
     parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (MLFLOW_MODELS_WORKERS)")
     args = parser.parse_args(argv)
 
@@ -151,18 +115,16 @@ def main(argv=None) -> int:
     rows = []
     for label, uri in targets.items():
         shape = image_shape(args.models[0] if label == "identity pyfunc" else uri)
-        server = Server(uri, args.workers)
-        try:
+        with serving(uri, workers=args.workers) as url:
+            port = int(url.rsplit(":", 1)[1])
             for form, body in payloads(shape).items():
-                hammer(server.port, body, max(args.clients), min(200, args.requests))  # warm-up
+                hammer(port, body, max(args.clients), min(200, args.requests))  # warm-up
                 for clients in args.clients:
-                    figures = hammer(server.port, body, clients, args.requests)
+                    figures = hammer(port, body, clients, args.requests)
                     rows.append({"model": label, "input": f"{form} {'x'.join(map(str, shape))}",
                                  "clients": clients, **figures})
                     print(f"{label:32} {rows[-1]['input']:16} clients={clients}  p50={figures['p50_ms']:.2f} ms  "
                           f"p99={figures['p99_ms']:.2f} ms  {figures['images_per_s']:.0f} img/s", flush=True)
-        finally:
-            server.close()
 
     print(f"\n| model | input | clients | p50 ms | p99 ms | images/s |\n|---|---|---|---|---|---|")
     for row in rows:

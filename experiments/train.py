@@ -33,6 +33,7 @@ from experiments.datasets import (
     load_dataset,
     takes_image_size,
 )
+from experiments.cli import add_config_flags
 from experiments.errors import UserError
 from experiments.models import (
     DataSpec,
@@ -498,25 +499,8 @@ def parse_args(argv=None) -> TrainConfig:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(list_datasets())}")
     parser.add_argument("--arch", required=True, help=f"one of: {', '.join(list_models())}")
-    defaults = TrainConfig("", "")
-    for field in dataclasses.fields(TrainConfig):
-        if field.name in ("dataset", "arch"):
-            continue
-        default = getattr(defaults, field.name)
-        kind = _json_object if isinstance(default, dict) else type(default)
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
+    add_config_flags(parser, TrainConfig, skip=("dataset", "arch"))
     return TrainConfig(**vars(parser.parse_args(argv)))
-
-
-def _json_object(text: str) -> dict:
-    """A JSON object from the command line, e.g. --recipe '{"optimizer": "sgd"}'."""
-    try:
-        value = json.loads(text) if text.strip() else {}
-    except json.JSONDecodeError as exc:
-        raise argparse.ArgumentTypeError(f"not valid JSON ({exc})") from None
-    if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError("expected a JSON object such as '{\"optimizer\": \"sgd\"}'")
-    return value
 
 
 def main(argv=None) -> int:

@@ -44,7 +44,7 @@ def predict_files(files: list[Path], url: str = "", model: str = "", batch_size:
         if url:
             rows += _post(url, encoded)
         else:
-            rows += loaded.predict(encoded).to_dict(orient="records")
+            rows += loaded.predict(encoded)
     return rows
 
 

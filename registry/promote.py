@@ -25,6 +25,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from experiments.cli import boolean
 from experiments.errors import UserError
 
 CHAMPION = "champion"
@@ -276,19 +277,11 @@ def _report(decision: Decision) -> Decision:
 # --- Command line --------------------------------------------------------------------------------
 
 
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no", ""):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
-
-
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m registry.promote", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", default="", help="promote the best runs of this dataset")
     parser.add_argument("--metric", default="test_accuracy")
-    parser.add_argument("--dry-run", type=_boolean, default=False, nargs="?", const=True)
+    parser.add_argument("--dry-run", type=boolean, default=False, nargs="?", const=True)
     parser.add_argument("--experiment", default="", help="only runs of this experiment (default: all)")
     parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
     parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")

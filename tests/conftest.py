@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import contextlib
 import os
-import signal
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
+
+from registry.serve import ServerError, free_port, serving  # noqa: F401 - free_port is for the tests
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CNN_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
@@ -102,47 +102,11 @@ needs_shared_data = pytest.mark.skipif(
 )
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def served(model_uri: str, **env):
     """A real `mlflow models serve` of `model_uri` on a free loopback port; yields its base URL."""
-    import subprocess
-    import time
-    import urllib.request
-
-    port = free_port()
-    log = tempfile.TemporaryFile()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri, "--env-manager", "local",
-         "-h", "127.0.0.1", "-p", str(port)],
-        env={**python_env(), "MLFLOW_MODELS_WORKERS": "1", **env}, stdout=log, stderr=subprocess.STDOUT,
-        start_new_session=True,
-    )
-    url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 180
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/ping", timeout=2).status == 200:
-                    break
-            except OSError:
-                pass
-            if server.poll() is not None or time.monotonic() > deadline:
-                log.seek(0)
-                pytest.fail(f"mlflow models serve did not start:\n{log.read().decode()[-3000:]}")
-            time.sleep(0.5)
-        yield url
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
+        with serving(model_uri, timeout=180, **env) as url:
+            yield url
+    except ServerError as exc:
+        pytest.fail(str(exc))

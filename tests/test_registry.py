@@ -13,6 +13,7 @@ import urllib.request
 
 import mlflow
 import numpy as np
+import pandas as pd
 import pytest
 from PIL import Image
 
@@ -153,8 +154,10 @@ BAD_REQUESTS = {  # name: (payload builder, a fragment of the 400 message)
 def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
     """Tensor, instances and base64 forms agree with a local pyfunc load; every bad request is a 400."""
     local = mlflow.pyfunc.load_model(f"models:/{name}@champion")
-    expected = local.predict(images)
-    assert set(expected.columns) == {"class_index", "label", "confidence", "probabilities"}
+    records = local.predict(images)
+    assert isinstance(records, list) and len(records) == len(images)
+    assert all(set(r) == {"class_index", "label", "confidence", "probabilities"} for r in records)
+    expected = pd.DataFrame(records)
     class_names = local.metadata.metadata["class_names"]
 
     status, body = post(url, {"inputs": images.tolist()})
@@ -171,7 +174,7 @@ def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
     photo = np.random.default_rng(3).integers(0, 255, size=(48, 64, 3), dtype=np.uint8)
     status, body = post(url, {"inputs": [f"data:image/jpeg;base64,{encoded(photo, 'JPEG')}"]})
     assert status == 200
-    assert body["predictions"][0]["label"] == local.predict([encoded(photo, "JPEG")])["label"][0]
+    assert body["predictions"][0]["label"] == local.predict([encoded(photo, "JPEG")])[0]["label"]
 
     for case, (payload, fragment) in BAD_REQUESTS.items():
         status, body = post(url, payload(images))
@@ -192,6 +195,24 @@ def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
         lines = out.stdout.strip().splitlines()
         assert lines[0].split() == ["file", "label", "confidence"]
         assert [line.split()[1] for line in lines[1:]] == expected["label"].tolist()
+
+
+def test_the_served_model_turns_nagle_off_on_multi_worker_sockets(monkeypatch):
+    """uvicorn's multi-worker listener has proto 0; asyncio alone would leave Nagle on (+40 ms a request)."""
+    import asyncio.base_events
+    import socket
+
+    from registry.classifier import set_nodelay_on_every_tcp_socket
+
+    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as sock:  # proto 0, as uvicorn's workers see it
+        asyncio.base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
+        set_nodelay_on_every_tcp_socket()
+        asyncio.base_events._set_nodelay(sock)
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as unix_sock:
+        asyncio.base_events._set_nodelay(unix_sock)  # not TCP: left alone, no error
 
 
 def test_champion_is_served_over_http_in_both_forms_and_rejects_bad_input(tiny_cifar, tmp_path, isolated_tracking):

@@ -20,6 +20,7 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.cli import add_config_flags
 from experiments.errors import UserError
 from experiments.train import PROJECT_ROOT, TrainConfig, default_tracking_uri, load_data, train
 from tuning.spaces import choose, get_space
@@ -525,24 +526,8 @@ def retrain_best(tracker: Tracker, config: SearchConfig, trial, epochs: int):
 def parse_args(argv=None) -> SearchConfig:
     parser = argparse.ArgumentParser(prog="python -m tuning.search", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
-    defaults = SearchConfig("x")
-    for field in dataclasses.fields(SearchConfig):
-        if field.name == "dataset":
-            continue
-        default = getattr(defaults, field.name) if field.name != "search_name" else ""
-        kind = type(default)
-        if kind is bool:
-            kind = _boolean
-        parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
+    add_config_flags(parser, SearchConfig, skip=("dataset",))
     return SearchConfig(**vars(parser.parse_args(argv)))
-
-
-def _boolean(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes"):
-        return True
-    if text.lower() in ("0", "false", "no"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def main(argv=None) -> int:

@@ -1,0 +1,81 @@
+"""The benchmark harness on tiny settings: runs are logged, tables printed, BENCHMARKS.md sections written.
+
+Timings are never asserted here; only that each benchmark measures and records what it says.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import mlflow
+import pytest
+
+from benchmarks import cpu, harness, overhead  # noqa: F401 - registers the benchmarks
+from conftest import PROJECT_ROOT, python_env
+from experiments.errors import UserError
+
+
+def test_list_names_every_benchmark_with_its_options():
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "list"], cwd=PROJECT_ROOT, env=python_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "peak" in out.stdout and "tracking_overhead" in out.stdout and "repeats=3" in out.stdout
+
+
+def test_bad_names_and_options_are_one_line_errors():
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "run", "nope"], cwd=PROJECT_ROOT, env=python_env(),
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert [line for line in out.stderr.splitlines() if line.startswith("error:")] == [
+        f"error: unknown benchmark 'nope'; choose one of: {', '.join(sorted(harness.BENCHMARKS))}"
+    ]
+    bench = harness.get_benchmark("peak")
+    assert harness.parse_options(bench, ["seconds=0.5", "size=64"]) == {"seconds": 0.5, "size": 64}
+    with pytest.raises(UserError, match="peak takes options seconds=5.0"):
+        harness.parse_options(bench, ["secs=1"])
+    with pytest.raises(UserError, match="option size must be a int, got 'big'"):
+        harness.parse_options(bench, ["size=big"])
+
+
+def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\nIntro.\n\n<!-- benchmark:peak -->\nold table\n<!-- /benchmark:peak -->\n\nAfter.\n")
+    rows = harness.run("peak", {"seconds": 0.2, "size": 128, "batch": 2}, report)
+
+    assert [(r["op"].split()[0], r["dtype"]) for r in rows] == [
+        ("matmul", "float32"), ("conv3x3", "float32"), ("matmul", "bfloat16"), ("conv3x3", "bfloat16")]
+    assert all(r["gflops"] > 0 for r in rows)
+    assert set(cpu.measured_peak()) == {"float32", "bfloat16"}
+
+    text = report.read_text()
+    assert "old table" not in text and text.startswith("# Benchmarks\n\nIntro.") and text.rstrip().endswith("After.")
+    assert "| op | dtype | gflops |" in text and "python -m benchmarks run peak seconds=0.2 size=128 batch=2" in text
+
+    run = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list")[0]
+    assert run.data.tags["benchmark"] == "peak" and run.data.params["size"] == "128"
+    assert run.data.metrics["matmul 128x128_float32_gflops"] == pytest.approx(rows[0]["gflops"])
+    assert "wall_s" in run.data.metrics
+    table = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/peak.json"))
+    assert len(table["data"]) == 4
+
+
+def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    rows = harness.run("tracking_overhead", {"arch": "cnn_simple", "epochs": 1, "repeats": 2, "batch_size": 32,
+                                             "data_dir": str(tiny_cifar)}, report)
+
+    assert [r["variant"] for r in rows] == ["plain model.fit", "train() with tracking"]
+    assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["ratio_to_plain"] > 0
+    # Same seed, data and model: the plain fit and train() learn the same thing.
+    assert rows[0]["test_accuracy"] == pytest.approx(rows[1]["test_accuracy"], abs=0.07)
+
+    (parent,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                   filter_string="tags.benchmark = 'tracking_overhead'")
+    children = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                  filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 2 and all(c.info.run_name.startswith("cifar10-cnn_simple-") for c in children)
+    assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
+    assert parent.data.metrics["train() with tracking_ratio_to_plain"] == pytest.approx(rows[1]["ratio_to_plain"])
+    assert "<!-- benchmark:tracking_overhead -->" in report.read_text()
