@@ -176,7 +176,7 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
 
 
 def _metric_name(text: str) -> str:
-    return re.sub(r"[^0-9A-Za-z_\-. /]", "_", text)[:250]
+    return re.sub(r"[^0-9A-Za-z.]+", "_", text).strip("_")[:250]
 
 
 def main(argv: list[str] | None = None) -> int:

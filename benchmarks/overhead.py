@@ -7,7 +7,7 @@ import time
 
 from benchmarks.harness import benchmark
 from experiments import train as training
-from experiments.models import DataSpec, get_model_entry, inference_model
+from experiments.models import DataSpec, fit_patch_whitening, get_model_entry, inference_model
 
 
 def plain_fit(config: training.TrainConfig) -> float:
@@ -20,6 +20,7 @@ def plain_fit(config: training.TrainConfig) -> float:
     recipe = config.training_recipe()
     spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
     model = get_model_entry(config.arch).build(spec, **config.options)
+    fit_patch_whitening(model, training._first_images(data.train, 5000))
     training._fit(model, config, data, recipe, training._fit_splits(config, data), [], 0)
     model = inference_model(model, recipe, spec)
     probabilities = model.predict(training._images(data.test, config.batch_size), verbose=0)

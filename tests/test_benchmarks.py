@@ -55,7 +55,7 @@ def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
 
     run = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list")[0]
     assert run.data.tags["benchmark"] == "peak" and run.data.params["size"] == "128"
-    assert run.data.metrics["matmul 128x128_float32_gflops"] == pytest.approx(rows[0]["gflops"])
+    assert run.data.metrics["matmul_128x128_float32_gflops"] == pytest.approx(rows[0]["gflops"])
     assert "wall_s" in run.data.metrics
     table = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/peak.json"))
     assert len(table["data"]) == 4
@@ -77,5 +77,5 @@ def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, 
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert len(children) == 2 and all(c.info.run_name.startswith("cifar10-cnn_simple-") for c in children)
     assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
-    assert parent.data.metrics["train() with tracking_ratio_to_plain"] == pytest.approx(rows[1]["ratio_to_plain"])
+    assert parent.data.metrics["train_with_tracking_ratio_to_plain"] == pytest.approx(rows[1]["ratio_to_plain"])
     assert "<!-- benchmark:tracking_overhead -->" in report.read_text()

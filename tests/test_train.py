@@ -136,6 +136,44 @@ def test_vgg16_head_caches_features_and_logs_one_image_to_class_model(tmp_path):
     assert any(layer.name == "vgg16" for layer in first.model.layers)  # the base is inside the served model
 
 
+def test_patch_whitening_decorrelates_the_first_layers_input():
+    from experiments.models import PATCH_WHITENING, fit_patch_whitening
+
+    # Smooth images, so that neighbouring pixels (and channels) are strongly correlated.
+    rng = np.random.default_rng(0)
+    coarse = rng.integers(0, 255, size=(200, 8, 8, 3)).astype(np.float32)
+    images = np.clip(np.kron(coarse, np.ones((1, 4, 4, 1))) + rng.normal(0, 8, (200, 32, 32, 3)), 0, 255).astype(np.uint8)
+    model = create_model("airbench", DataSpec((32, 32, 3), 10))
+    assert fit_patch_whitening(model, images)
+    assert not fit_patch_whitening(create_model("cnn_deep", DataSpec((32, 32, 3), 10)), images)  # no such layer
+
+    layer = model.get_layer(PATCH_WHITENING)
+    assert not layer.trainable and layer.kernel.shape == (2, 2, 3, 24)
+    import keras
+
+    outputs = keras.Model(model.input, layer.output).predict(images, verbose=0).reshape(-1, 24).astype(np.float64)
+    covariance = outputs[:, :12].T @ outputs[:, :12] / len(outputs)  # the second 12 are their negatives
+    np.testing.assert_allclose(outputs[:, 12:], -outputs[:, :12], atol=1e-2)
+    off_diagonal = covariance - np.diag(np.diag(covariance))
+    assert np.abs(off_diagonal).max() < 0.02  # decorrelated
+    assert 0.9 < np.diag(covariance).max() <= 1.01  # unit variance along the strong directions
+
+
+def test_airbench_trains_through_train_with_its_recipe(tmp_path):
+    from conftest import make_npz
+
+    make_npz(tmp_path / "cifar10.npz", n_train=96, n_test=32, shape=(32, 32, 3), classes=3)
+    result = train(dataset="cifar10", arch="airbench", epochs=2, batch_size=32, data_dir=str(tmp_path),
+                   options={"widths": [16, 32, 32]})
+    params = mlflow.get_run(result.run_id).data.params
+    assert (params["recipe.optimizer"], params["recipe.learning_rate"], params["recipe.ema"]) == ("sgd", "0.125", "0.99")
+    assert params["learning_rate"] == "0.0" and params["options.widths"] == "[16, 32, 32]"
+    assert result.test_accuracy > 0.5  # three brightness classes: learnable in two epochs
+    loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    batch = np.load(tmp_path / "cifar10.npz")["x_test"][:4]
+    np.testing.assert_allclose(np.asarray(loaded.predict(batch)), result.model.predict(batch, verbose=0), atol=1e-5)
+
+
 @pytest.mark.parametrize("name", list_models())
 def test_every_model_takes_uint8_pixels(name):
     spec = DataSpec((32, 32, 3), 4)
@@ -151,11 +189,11 @@ def test_every_model_takes_uint8_pixels(name):
     "overrides, fragment",
     [
         ({"dataset": "svhn"}, "unknown dataset 'svhn'; choose one of:"),
-        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose one of: cnn_basic"),
+        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose one of: airbench, cnn_basic"),
         ({"epochs": 0}, "epochs must be a positive integer, got 0"),
         ({"batch_size": -8}, "batch_size must be a positive integer, got -8"),
         ({"limit": -1}, "limit must be 0 (whole training split) or a positive count, got -1"),
-        ({"learning_rate": 0.0}, "learning_rate must be positive"),
+        ({"learning_rate": -0.1}, "learning_rate must be positive"),
         ({"data_dir": "/no/such/folder"}, "data_dir /no/such/folder does not exist"),
         ({"arch": "vgg16_head", "weights": "/no/weights.h5"}, "weights must be 'imagenet', 'none' or an existing"),
     ],
@@ -183,10 +221,11 @@ def test_command_line_prints_one_line_and_no_traceback():
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert errors == ["error: unknown architecture 'lenet'; choose one of: cnn_basic, cnn_deep, cnn_modern, cnn_simple, convnet, "
+    assert errors == ["error: unknown architecture 'lenet'; choose one of: airbench, cnn_basic, cnn_deep, cnn_modern, cnn_simple, convnet, "
                       "mlp, vgg16_head"]
 
 
 def test_config_defaults_match_the_tutorial():
     config = TrainConfig("cifar10", "cnn_deep")
-    assert (config.epochs, config.batch_size, config.learning_rate) == (10, 128, 0.001)
+    assert (config.epochs, config.batch_size, config.learning_rate) == (10, 128, 0.0)
+    assert config.training_recipe().learning_rate == 0.001  # 0: the architecture's own, the tutorial's Adam rate
