@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
 
     # Benchmarks register themselves on import.
-    from benchmarks import cpu, overhead  # noqa: F401
+    from benchmarks import cpu, overhead, recipes  # noqa: F401
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run named benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)

@@ -12,7 +12,7 @@ import sys
 import mlflow
 import pytest
 
-from benchmarks import cpu, harness, overhead  # noqa: F401 - registers the benchmarks
+from benchmarks import cpu, harness, overhead, recipes  # noqa: F401 - registers the benchmarks
 from conftest import PROJECT_ROOT, python_env
 from experiments.errors import UserError
 
@@ -79,3 +79,24 @@ def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, 
     assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
     assert parent.data.metrics["train_with_tracking_ratio_to_plain"] == pytest.approx(rows[1]["ratio_to_plain"])
     assert "<!-- benchmark:tracking_overhead -->" in report.read_text()
+
+
+def test_forward_flops_counts_convs_and_dense_layers():
+    from experiments.models import DataSpec, create_model
+
+    model = create_model("cnn_simple", DataSpec((28, 28, 1), 10))
+    conv = 2 * 26 * 26 * 3 * 3 * 1 * 25  # 25 3x3 filters, valid padding
+    assert recipes.forward_flops(model) == conv + 2 * (26 * 26 * 25) * 100 + 2 * 100 * 10
+
+
+def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifar, tmp_path):
+    harness.run("peak", {"seconds": 0.1, "size": 64, "batch": 1}, None)
+    rows = harness.run("cifar10_airbench_3min", {"epochs": 1, "data_dir": str(tiny_cifar)}, tmp_path / "B.md")
+
+    (row,) = rows
+    assert row["recipe"] == "cifar10_airbench_3min" and row["epochs"] == 1 and row["target"] == "80% in 3 min"
+    child = mlflow.get_run(row["run_id"])
+    assert child.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"])
+    assert child.data.params["arch"] == "airbench" and child.data.params["options.widths"] == "[32, 64, 128]"
+    assert row["met"] == ("yes" if row["test_accuracy"] >= 0.8 and row["wall_s"] <= 180 else "no")
+    assert row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"]

@@ -1,0 +1,85 @@
+"""Time-to-accuracy: named recipes trained through train() on the real data, against a target.
+
+Each is a benchmark of its own (`python -m benchmarks run cifar10_airbench`): test accuracy, wall
+time (tracking on), and the GFLOP/s the run achieved as a fraction of the CPU's measured peak.
+"""
+
+from __future__ import annotations
+
+import time
+
+from benchmarks.cpu import measured_peak
+from benchmarks.harness import benchmark
+
+# name: (train() settings, target accuracy, target wall time in minutes)
+RECIPES = {
+    "cifar10_airbench": (dict(dataset="cifar10", arch="airbench", epochs=10), 0.94, 30),
+    "cifar10_airbench_3min": (dict(dataset="cifar10", arch="airbench", epochs=4, options={"widths": [32, 64, 128]}),
+                              0.80, 3),
+}
+
+
+def forward_flops(model) -> int:
+    """Multiply-adds x 2 of one image's forward pass through the Conv2D and Dense layers."""
+    import keras
+
+    total = 0
+    for layer in model.layers:
+        if isinstance(layer, keras.Model):
+            total += forward_flops(layer)
+        elif isinstance(layer, keras.layers.Conv2D):
+            _, height, width, filters = layer.output.shape
+            kernel_height, kernel_width, channels, _ = layer.kernel.shape
+            total += 2 * height * width * kernel_height * kernel_width * channels * filters
+        elif isinstance(layer, keras.layers.Dense):
+            inputs, units = layer.kernel.shape
+            positions = 1
+            for size in layer.output.shape[1:-1]:  # a Dense over a feature map applies per position
+                positions *= size
+            total += 2 * inputs * units * positions
+    return total
+
+
+def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
+    @benchmark(name, f"Time to accuracy: {settings['arch']} on {settings['dataset']} "
+                     f"(target {target:.0%} in {minutes} min, tracking on)")
+    def run(epochs: int = settings["epochs"], data_dir: str = "", seed: int = 0) -> list[dict]:
+        import mlflow
+
+        from experiments.models import DataSpec, get_model_entry
+        from experiments.train import TrainConfig, load_data, train
+
+        config = TrainConfig(**{**settings, "epochs": epochs, "data_dir": data_dir, "seed": seed})
+        config.validate()
+        load_data(config)  # decoding the data set is not part of training time
+        start = time.perf_counter()
+        with mlflow.start_run(nested=True):
+            result = train(config)
+        wall = time.perf_counter() - start
+
+        data = load_data(config)
+        model = get_model_entry(config.arch).build(DataSpec(data.image_shape, data.num_classes, data.hflip),
+                                                    **config.options)
+        recipe = config.training_recipe()
+        # Training costs about 3 forward passes (forward, two for backward); evaluation one, two with flips.
+        flops = forward_flops(model) * (3 * len(data.train) * epochs + (1 + recipe.test_time_flip) * len(data.test))
+        dtype = "bfloat16" if any(layer.dtype_policy.name == "mixed_bfloat16" for layer in model.layers) else "float32"
+        peak = measured_peak().get(dtype)
+        achieved = flops / wall / 1e9
+        return [{
+            "recipe": name,
+            "epochs": epochs,
+            "test_accuracy": result.test_accuracy,
+            "wall_s": wall,
+            "target": f"{target:.0%} in {minutes} min",
+            "met": "yes" if result.test_accuracy >= target and wall <= minutes * 60 else "no",
+            "gflop_per_s": achieved,
+            "fraction_of_peak": achieved / peak if peak else float("nan"),
+            "run_id": result.run_id,
+        }]
+
+    return run
+
+
+for _name, (_settings, _target, _minutes) in RECIPES.items():
+    _recipe_benchmark(_name, _settings, _target, _minutes)
