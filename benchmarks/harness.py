@@ -50,6 +50,11 @@ def benchmark(name: str, description: str):
     return decorate
 
 
+def load_all() -> None:
+    """Import every benchmark module: they register themselves."""
+    from benchmarks import cpu, overhead, recipes, serving  # noqa: F401
+
+
 def get_benchmark(name: str) -> Benchmark:
     if name not in BENCHMARKS:
         raise UserError(f"unknown benchmark {name!r}; choose one of: {', '.join(sorted(BENCHMARKS))}")
@@ -158,9 +163,15 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
         wall = time.perf_counter() - start
         mlflow.log_metric("wall_s", wall)
         for n, row in enumerate(rows):
-            label = "_".join(str(v) for k, v in row.items() if isinstance(v, str))
+            # A row is named by its leading cells (what was measured); its floats are the metrics.
+            leading = []
             for key, value in row.items():
-                if isinstance(value, (int, float)) and not isinstance(value, bool):
+                if isinstance(value, float):
+                    break
+                leading.append(value if isinstance(value, str) else f"{key}{value}")
+            label = "_".join(leading)
+            for key, value in row.items():
+                if isinstance(value, float):
                     mlflow.log_metric(_metric_name(f"{label}_{key}" if label else f"{n}_{key}"), value)
         mlflow.log_table({k: [row.get(k) for row in rows] for k in dict.fromkeys(k for r in rows for k in r)},
                          f"{name}.json")
@@ -182,9 +193,7 @@ def _metric_name(text: str) -> str:
 def main(argv: list[str] | None = None) -> int:
     import argparse
 
-    # Benchmarks register themselves on import.
-    from benchmarks import cpu, overhead, recipes  # noqa: F401
-
+    load_all()
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run named benchmarks.")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("list", help="the benchmarks and their options")

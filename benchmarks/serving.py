@@ -1,24 +1,20 @@
 """Serving benchmark: batch-1 latency and throughput of `mlflow models serve` over HTTP on loopback.
 
-    MLFLOW_TRACKING_URI=sqlite:///mlflow.db python benchmarks/serving.py \\
-        [--models models:/cifar10@champion models:/imagenette@champion] [--requests 1000] [--clients 1 8]
+    python -m benchmarks run serving [models="models:/cifar10@champion models:/imagenette@champion"]
+        [requests=1000] [clients="1 8"] [workers="1 2"]
 
 Each model (and a trivial identity pyfunc, the ceiling of the serving stack) is served in turn with
 `mlflow models serve --env-manager local`, warmed up, then hit with batch-1 requests by 1 and by 8
-concurrent clients (threads with keep-alive connections), in two forms: uint8 pixels as JSON
-(`inputs`) and a base64 PNG. Prints a table and logs it to the experiment `benchmarks-serving`.
+concurrent clients (threads with keep-alive connections, on the same CPUs), in two forms: uint8
+pixels as JSON (`inputs`) and a base64 PNG.
 """
 
 from __future__ import annotations
 
-import argparse
 import base64
 import http.client
 import io
 import json
-import os
-import platform
-import sys
 import threading
 import time
 from pathlib import Path
@@ -26,21 +22,14 @@ from pathlib import Path
 import mlflow
 import numpy as np
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(PROJECT_ROOT))
-from registry.serve import serving  # noqa: E402
-
-
-class Identity(mlflow.pyfunc.PythonModel):
-    """Returns its input: what serving costs with no model at all."""
-
-    def predict(self, context, model_input, params=None):
-        return model_input
+from benchmarks.harness import benchmark
+from registry.serve import serving
 
 
 def log_identity() -> str:
-    with mlflow.start_run(run_name="identity-pyfunc") as run:
-        mlflow.pyfunc.log_model(name="model", python_model=Identity(), pip_requirements=["mlflow"])
+    with mlflow.start_run(run_name="identity-pyfunc", nested=True) as run:
+        mlflow.pyfunc.log_model(name="model", python_model=str(Path(__file__).with_name("identity_model.py")),
+                                pip_requirements=["mlflow"])
     return f"runs:/{run.info.run_id}/model"
 
 
@@ -99,47 +88,27 @@ def hammer(port: int, body: bytes, clients: int, requests: int) -> dict:
     }
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--models", nargs="+", default=["models:/cifar10@champion", "models:/imagenette@champion"])
-    parser.add_argument("--requests", type=int, default=1000, help="per model, form and client count")
-    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8])
-    # One worker: see registry/serve.py for why more are slower here.
-    parser.add_argument("--workers", type=int, default=1, help="uvicorn workers per server (MLFLOW_MODELS_WORKERS)")
-    args = parser.parse_args(argv)
-
-    mlflow.set_tracking_uri(os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}")
-    mlflow.set_experiment("benchmarks-serving")
-    targets = {uri: uri for uri in args.models}
+@benchmark("serving", "Batch-1 latency and throughput of mlflow models serve on loopback, champions and an "
+                      "identity pyfunc (the serving stack's ceiling)")
+def serving_benchmark(models: str = "models:/cifar10@champion models:/imagenette@champion", requests: int = 1000,
+                      clients: str = "1 8", workers: str = "1") -> list[dict]:
+    client_counts = [int(n) for n in clients.split()]
+    targets = {uri: uri for uri in models.split()}
     targets["identity pyfunc"] = log_identity()
     rows = []
-    for label, uri in targets.items():
-        shape = image_shape(args.models[0] if label == "identity pyfunc" else uri)
-        with serving(uri, workers=args.workers) as url:
-            port = int(url.rsplit(":", 1)[1])
-            for form, body in payloads(shape).items():
-                hammer(port, body, max(args.clients), min(200, args.requests))  # warm-up
-                for clients in args.clients:
-                    figures = hammer(port, body, clients, args.requests)
-                    rows.append({"model": label, "input": f"{form} {'x'.join(map(str, shape))}",
-                                 "clients": clients, **figures})
-                    print(f"{label:32} {rows[-1]['input']:16} clients={clients}  p50={figures['p50_ms']:.2f} ms  "
-                          f"p99={figures['p99_ms']:.2f} ms  {figures['images_per_s']:.0f} img/s", flush=True)
-
-    print(f"\n| model | input | clients | p50 ms | p99 ms | images/s |\n|---|---|---|---|---|---|")
-    for row in rows:
-        print(f"| {row['model']} | {row['input']} | {row['clients']} | {row['p50_ms']:.2f} | {row['p99_ms']:.2f} "
-              f"| {row['images_per_s']:.0f} |")
-    with mlflow.start_run(run_name="serving-benchmark"):
-        mlflow.log_params({"models": " ".join(args.models), "requests": args.requests, "workers": args.workers,
-                           "machine": f"{platform.machine()} {os.cpu_count()} cpus"})
-        for row in rows:
-            key = f"{row['model'].split(':/')[-1].replace('@', '_').replace(' ', '_')}_{row['input'].split()[0]}"
-            for name in ("p50_ms", "p99_ms", "images_per_s"):
-                mlflow.log_metric(f"{key}_c{row['clients']}_{name}", row[name])
-        mlflow.log_table({k: [row[k] for row in rows] for k in rows[0]}, "serving_benchmark.json")
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())
+    for worker_count in [int(n) for n in workers.split()]:
+        for label, uri in targets.items():
+            reference = uri if label != "identity pyfunc" else (models.split() or [None])[0]
+            shape = image_shape(reference) if reference else (32, 32, 3)
+            with serving(uri, workers=worker_count) as url:
+                port = int(url.rsplit(":", 1)[1])
+                for form, body in payloads(shape).items():
+                    hammer(port, body, max(client_counts), min(200, requests))  # warm-up
+                    for count in client_counts:
+                        figures = hammer(port, body, count, requests)
+                        rows.append({"model": label.removeprefix("models:/"), "input": f"{form} {'x'.join(map(str, shape))}",
+                                     "workers": worker_count, "clients": count, **figures})
+                        print(f"{label:32} {rows[-1]['input']:16} workers={worker_count} clients={count}  "
+                              f"p50={figures['p50_ms']:.2f} ms  p99={figures['p99_ms']:.2f} ms  "
+                              f"{figures['images_per_s']:.0f} img/s", flush=True)
+    return rows

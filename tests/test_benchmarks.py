@@ -12,9 +12,11 @@ import sys
 import mlflow
 import pytest
 
-from benchmarks import cpu, harness, overhead, recipes  # noqa: F401 - registers the benchmarks
+from benchmarks import cpu, harness, recipes
 from conftest import PROJECT_ROOT, python_env
 from experiments.errors import UserError
+
+harness.load_all()
 
 
 def test_list_names_every_benchmark_with_its_options():
@@ -100,3 +102,17 @@ def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifa
     assert child.data.params["arch"] == "airbench" and child.data.params["options.widths"] == "[32, 64, 128]"
     assert row["met"] == ("yes" if row["test_accuracy"] >= 0.8 and row["wall_s"] <= 180 else "no")
     assert row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"]
+
+
+def test_serving_benchmark_measures_a_real_server_per_worker_count():
+    rows = harness.run("serving", {"models": "", "requests": 20, "clients": "1 2", "workers": "1 2"}, None)
+
+    assert [(r["model"], r["input"], r["workers"], r["clients"]) for r in rows] == [
+        ("identity pyfunc", form, workers, clients)
+        for workers in (1, 2) for form in ("pixels 32x32x3", "png 32x32x3") for clients in (1, 2)
+    ]
+    assert all(0 < r["p50_ms"] <= r["p99_ms"] and r["images_per_s"] > 0 for r in rows)
+    (run,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                filter_string="tags.benchmark = 'serving'")
+    assert run.data.metrics["identity pyfunc_png 32x32x3_workers2_clients2_p50_ms".replace(" ", "_")] == \
+        pytest.approx(rows[-1]["p50_ms"])
