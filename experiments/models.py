@@ -274,14 +274,14 @@ def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: 
 
 @register_model(optimizer="adamw", learning_rate=0.002, schedule="cosine", weight_decay=0.05, warmup_fraction=0.1,
                 label_smoothing=0.1, test_time_flip=True)
-def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
+def cnn_modern(data: DataSpec, widths=(64, 128, 256), precision: str = "mixed_bfloat16") -> keras.Model:
     """A compact modern CNN: batch norm, flip+shift augmentation, AdamW with warmup and cosine decay, bfloat16.
 
     Its recipe adds test-time flips: the served model averages an image's and its mirror's predictions
     (measured +1.15 points on CIFAR-10, 87.74% -> 88.89%, on the same trained weights).
     """
     # bfloat16 runs on the CPU's AMX units; the classifier stays float32 for a stable softmax.
-    with dtype_policy("mixed_bfloat16"):
+    with dtype_policy(precision):
         inputs, x = _pixels(data)
         # Per-channel scaling is learned by the first batch norm; centring here keeps early steps stable.
         x = layers.Normalization(mean=0.5, variance=0.0625)(x)
@@ -303,10 +303,11 @@ def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
 # per step matches airbench's coupled 0.0153 per 1024 images.
 @register_model(optimizer="sgd", learning_rate=0.125, schedule="cosine", weight_decay=0.0133, warmup_fraction=0.23,
                 label_smoothing=0.2, test_time_flip=True, ema=0.99)
-def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2) -> keras.Model:
+def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, precision: str = "mixed_bfloat16"
+             ) -> keras.Model:
     """airbench-style fast CIFAR net: fixed patch-whitening conv, three conv-pool-norm blocks (94% in 10 epochs)."""
     height, width, channels = data.image_shape
-    with dtype_policy("mixed_bfloat16"):
+    with dtype_policy(precision):
         inputs, x = _pixels(data)
         x = layers.Normalization(mean=0.5, variance=0.0625)(x)
         x = augmentation(data, translate_pixels / height)(x)

@@ -323,7 +323,8 @@ def _images(split: Split, batch_size: int):
     return split.images.batch(batch_size).map(lambda x, y: x).prefetch(2)
 
 
-def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial_epoch: int = 0) -> None:
+def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial_epoch: int = 0,
+             jit_compile: bool = False, steps_per_execution: int = 1) -> None:
     """Optimizer, loss and metrics from the recipe; the LR schedule spans the epochs still to run."""
     import keras
 
@@ -353,7 +354,8 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial
         optimizer = keras.optimizers.Adam(learning_rate, **ema)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
     # XLA measured slower than plain TF graphs for these convnets on the CPU (187 vs 248 img/s).
-    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=False)
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], jit_compile=jit_compile,
+                  steps_per_execution=steps_per_execution)
 
 
 def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, splits: tuple, callbacks: list,

@@ -116,3 +116,16 @@ def test_serving_benchmark_measures_a_real_server_per_worker_count():
                                 filter_string="tags.benchmark = 'serving'")
     assert run.data.metrics["identity pyfunc_png 32x32x3_workers2_clients2_p50_ms".replace(" ", "_")] == \
         pytest.approx(rows[-1]["p50_ms"])
+
+
+def test_cpu_speed_measures_every_option_in_its_own_process(monkeypatch):
+    from benchmarks import speed
+
+    monkeypatch.setattr(speed, "VARIANTS", {k: speed.VARIANTS[k] for k in list(speed.VARIANTS)[:2]} | {
+        "float32": speed.VARIANTS["float32"], "intra-op threads=1": speed.VARIANTS["intra-op threads=1"]})
+    rows = harness.run("cpu_speed", {"arch": "cnn_modern", "batch_size": 8, "steps": 3}, None)
+
+    assert [r["option"] for r in rows] == list(speed.VARIANTS)
+    assert rows[0]["ratio_to_baseline"] == 1.0
+    assert all(r["images_per_s"] > 0 and r["ratio_to_baseline"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
+               for r in rows)
