@@ -414,12 +414,17 @@ def _weights_key(config: TrainConfig) -> str:
     return file_key(Path(config.weights))
 
 
+def feature_cache_path(extractor, split: Split, weights_key: str) -> Path:
+    """Where a split's VGG16 features are cached. Key: data digest + image size + weights."""
+    shape = "x".join(str(d) for d in extractor.input_shape[1:])
+    return cache_dir() / "features" / f"vgg16-{split.digest}-{shape}-{weights_key}.npy"
+
+
 def cached_features(extractor, split: Split, weights_key: str, batch_size: int) -> np.ndarray:
-    """VGG16 features of a split, computed once. Key: data digest + image size + weights."""
+    """VGG16 features of a split, computed once."""
     import mlflow
 
-    shape = "x".join(str(d) for d in extractor.input_shape[1:])
-    path = cache_dir() / "features" / f"vgg16-{split.digest}-{shape}-{weights_key}.npy"
+    path = feature_cache_path(extractor, split, weights_key)
     if path.is_file():
         print(f"reusing cached VGG16 features {path}", flush=True)
         features = np.load(path)

@@ -129,3 +129,23 @@ def test_cpu_speed_measures_every_option_in_its_own_process(monkeypatch):
     assert rows[0]["ratio_to_baseline"] == 1.0
     assert all(r["images_per_s"] > 0 and r["ratio_to_baseline"] == pytest.approx(r["images_per_s"] / rows[0]["images_per_s"])
                for r in rows)
+
+
+def test_data_loading_compares_decode_and_cache_with_training(image_tree):
+    rows = harness.run("data_loading", {"dataset": "folder", "data_dir": str(image_tree), "image_size": 32,
+                                        "batch_size": 4, "train_steps": 2}, None)
+    assert [r["stage"].split(":")[0] for r in rows] == ["first pass", "later epochs", "training consumption (cnn_basic, 32 px, batch 4)"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+    assert rows[0]["ratio_to_training"] == pytest.approx(rows[0]["images_per_s"] / rows[2]["images_per_s"])
+
+
+def test_vgg16_features_second_run_reads_the_cache(image_tree):
+    harness.run("peak", {"seconds": 0.1, "size": 64, "batch": 1}, None)
+    rows = harness.run("vgg16_features", {"dataset": "folder", "data_dir": str(image_tree), "image_size": 32,
+                                          "batch_size": 4}, None)
+    first, second = rows
+    assert first["run"].startswith("first") and second["run"].startswith("second")
+    assert first["gflop_per_s"] > 0 and first["fraction_of_fp32_peak"] > 0
+    (run,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                filter_string="tags.benchmark = 'vgg16_features'")
+    assert run.data.tags["feature_cache"] == "hit"  # the second call found the features on disk
