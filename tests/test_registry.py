@@ -204,7 +204,9 @@ def test_the_served_model_turns_nagle_off_on_multi_worker_sockets(monkeypatch):
 
     from registry.classifier import set_nodelay_on_every_tcp_socket
 
-    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", asyncio.base_events._set_nodelay)
+    # Stand in for asyncio's own check (it skips proto-0 sockets); an earlier in-process model load may
+    # already have patched it.
+    monkeypatch.setattr(asyncio.base_events, "_set_nodelay", lambda sock: None)
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM, 0) as sock:  # proto 0, as uvicorn's workers see it
         asyncio.base_events._set_nodelay(sock)
         assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 0
