@@ -10,6 +10,9 @@ declare -A RUNS=(
   [cifar10_hyperband]="-e tune_cifar10 -P tuner=hyperband -P max_epochs=10 -P limit=10000 -P time_budget_minutes=30 -P search_name=bench-cifar10-hyperband"
   # Imagenette at the tutorial's 128 px (cnn_basic: 72.54% in 10 epochs): a 6k slice (5.4k / 600),
   # an hour of search, the best retrained on all 9,469 images and scored on the 3,925 val images.
+  # The same comparison with full 10-epoch trials (Hyperband's 2-epoch first round favoured fast
+  # starters that overfit by epoch 10), block 1 kept to one conv for cost.
+  [imagenette_bayesian]="-e tune_imagenette -P tuner=bayesian -P max_trials=12 -P max_epochs=10 -P limit=6000 -P image_size=128 -P time_budget_minutes=75 -P search_name=bench-imagenette-bayes"
   [imagenette_hyperband]="-e tune_imagenette -P tuner=hyperband -P max_epochs=10 -P limit=6000 -P image_size=128 -P time_budget_minutes=60 -P search_name=bench-imagenette-128"
 )
 names=("$@")

@@ -110,6 +110,19 @@ def test_the_tutorial_models_are_points_of_the_search_spaces():
         assert searched.count_params() == tutorial.count_params()
 
 
+def test_imagenette_trials_never_stack_two_convs_at_full_resolution():
+    import keras_tuner as kt
+
+    from tuning.spaces import SPACES, choose
+
+    hp = kt.HyperParameters()
+    choose(hp, SPACES["imagenette"])
+    space = {p.name: p for p in hp.space}
+    assert isinstance(space["block1_convs"], kt.engine.hyperparameters.Fixed) and space["block1_convs"].value == 1
+    assert "block1_width2" not in space
+    assert (space["block2_convs"].min_value, space["block2_convs"].max_value) == (1, 2)
+
+
 class FailSecondTrial:
     """A real Keras callback that raises in the second trial it sees (each trial gets a deep copy)."""
 

@@ -22,7 +22,7 @@ class Space:
     widths: tuple  # per block, the filter counts its convs may pick: wider only where the maps are small
     dense_units: tuple
     max_dense: int = 2
-    max_convs: int = 2  # convs per block
+    max_convs: tuple = (2, 2, 2, 2, 2)  # per block, how many convs it may stack
 
 
 SPACES = {
@@ -43,6 +43,8 @@ SPACES = {
         max_blocks=5,
         widths=((16, 32, 48, 64), (32, 64, 96, 128), (64, 128, 192), (128, 192, 256), (128, 256, 384)),
         dense_units=(128, 256, 512),
+        # A second conv at 128x128 costs as much as the rest of the net: keep block 1 single.
+        max_convs=(1, 2, 2, 2, 2),
     ),
 }
 
@@ -68,10 +70,14 @@ def choose(hp, space: Space) -> dict:
     for i in range(1, space.max_blocks + 1):
         tutorial_widths, tutorial_dropout = space.blocks[i - 1] if i <= len(space.blocks) else ((space.widths[i - 1][-1],), 0.25)
         with hp.conditional_scope("conv_blocks", list(range(i, space.max_blocks + 1))):
-            n_convs = hp.Int(f"block{i}_convs", 1, space.max_convs, default=len(tutorial_widths))
+            max_convs = space.max_convs[i - 1]
+            if max_convs == 1:
+                n_convs = hp.Fixed(f"block{i}_convs", 1)
+            else:
+                n_convs = hp.Int(f"block{i}_convs", 1, max_convs, default=len(tutorial_widths))
             widths = []
-            for j in range(1, space.max_convs + 1):
-                with hp.conditional_scope(f"block{i}_convs", list(range(j, space.max_convs + 1))):
+            for j in range(1, max_convs + 1):
+                with hp.conditional_scope(f"block{i}_convs", list(range(j, max_convs + 1))):
                     default = tutorial_widths[min(j, len(tutorial_widths)) - 1]
                     widths.append(hp.Choice(f"block{i}_width{j}", space.widths[i - 1], default=default))
             dropout = hp.Choice(f"block{i}_dropout", DROPOUTS, default=tutorial_dropout)
