@@ -7,24 +7,6 @@ import time
 
 from benchmarks.harness import benchmark
 from experiments import train as training
-from experiments.models import DataSpec, fit_patch_whitening, get_model_entry, inference_model
-
-
-def plain_fit(config: training.TrainConfig) -> float:
-    """train() without MLflow: the same data, model, recipe, fit and test predictions; returns test accuracy."""
-    import keras
-    import numpy as np
-
-    keras.utils.set_random_seed(config.seed)
-    data = training.load_data(config)
-    recipe = config.training_recipe()
-    spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
-    model = get_model_entry(config.arch).build(spec, **config.options)
-    fit_patch_whitening(model, training._first_images(data.train, 5000))
-    training._fit(model, config, data, recipe, training._fit_splits(config, data), [], 0)
-    model = inference_model(model, recipe, spec)
-    probabilities = model.predict(training._images(data.test, config.batch_size), verbose=0)
-    return float(np.mean(probabilities.argmax(axis=1) == data.test.labels))
 
 
 @benchmark("tracking_overhead", "Wall time of train() (autolog, artifacts, model logging) against a plain model.fit")
@@ -40,15 +22,15 @@ def tracking_overhead(dataset: str = "cifar10", arch: str = "cnn_modern", epochs
     accuracies: dict[str, list[float]] = {name: [] for name in times}
     for repeat in range(repeats):
         # Alternate, so that both see the same machine state (thermal, caches, background load).
-        start = time.perf_counter()
-        accuracies["plain model.fit"].append(plain_fit(config))
-        times["plain model.fit"].append(time.perf_counter() - start)
-
-        start = time.perf_counter()
-        with mlflow.start_run(run_name=f"tracked-{repeat}", nested=True):
-            result = training.train(config)
-        times["train() with tracking"].append(time.perf_counter() - start)
-        accuracies["train() with tracking"].append(result.test_accuracy)
+        for name, track in (("plain model.fit", False), ("train() with tracking", True)):
+            start = time.perf_counter()
+            if track:
+                with mlflow.start_run(nested=True):  # train() names it
+                    result = training.train(config)
+            else:
+                result = training.train(config, track=False)  # the same steps, no MLflow
+            times[name].append(time.perf_counter() - start)
+            accuracies[name].append(result.test_accuracy)
         print(f"repeat {repeat + 1}/{repeats}: plain {times['plain model.fit'][-1]:.1f} s, "
               f"tracked {times['train() with tracking'][-1]:.1f} s", flush=True)
     baseline = statistics.median(times["plain model.fit"])

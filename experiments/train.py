@@ -47,6 +47,7 @@ from experiments.models import (
 )
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+WHITENING_SAMPLE = 5000  # training images a patch-whitening layer is fitted on
 
 # The tutorial's figures, shown in each run's description so the UI compares at a glance.
 TUTORIAL_FIGURES = {
@@ -114,6 +115,7 @@ def train(
     callbacks=(),
     initial_epoch: int = 0,
     evaluate: bool = True,
+    track: bool = True,
     **overrides,
 ) -> TrainResult:
     """Train `config.arch` on `config.dataset`, tracked in MLflow; returns the run id and test figures.
@@ -121,7 +123,8 @@ def train(
     Logs into the active MLflow run if there is one (a tuner trial, `mlflow run`), else starts a run
     in an experiment named after the dataset. A tuner passes the `model` it built (possibly warm-started),
     its `callbacks` and `initial_epoch`, and `evaluate=False`: a trial is scored on its validation
-    split, and neither touches the test split nor logs a model.
+    split, and neither touches the test split nor logs a model. `track=False` runs the very same steps
+    with no MLflow at all (run_id is None): the baseline of the tracking-overhead benchmark.
     """
     config = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     config.validate()
@@ -129,7 +132,6 @@ def train(
     import keras
     import mlflow
 
-    keras.utils.set_random_seed(config.seed)
     data = load_data(config)
     recipe = config.training_recipe()
     spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
@@ -137,29 +139,36 @@ def train(
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
 
     splits = _fit_splits(config, data)
-    with _tracking_run(config):
-        _log_run_metadata(config, data, recipe, splits)
-        # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
-        mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
+    with _tracking_run(config) if track else contextlib.nullcontext():
+        if track:
+            _log_run_metadata(config, data, recipe, splits)
+            # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
+            mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
         try:
+            # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
+            # Keras also seeds from: so tracking on or off gives the same weights.
+            keras.utils.set_random_seed(config.seed)
             if recipe.features == "vgg16":
                 model, history, probabilities = _fit_vgg16_head(config, data, spec, recipe)
             else:
                 if model is None:
                     model = get_model_entry(config.arch).build(spec, **config.options)
-                    fit_patch_whitening(model, _first_images(splits[0][0], 5000))
+                    fit_patch_whitening(model, _first_images(splits[0][0], WHITENING_SAMPLE))
                 history = _fit(model, config, data, recipe, splits, list(callbacks), initial_epoch)
                 probabilities = None
                 if evaluate:
                     model = inference_model(model, recipe, spec)
                     probabilities = model.predict(_images(data.test, config.batch_size), verbose=0)
         finally:
-            mlflow.keras.autolog(disable=True)
-        run_id = mlflow.active_run().info.run_id
+            if track:
+                mlflow.keras.autolog(disable=True)
+        run_id = mlflow.active_run().info.run_id if track else None
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
-        accuracy, loss = _log_evaluation(data, probabilities, history)
-        _log_model(model, data)
+        accuracy, loss = _test_scores(data.test.labels, probabilities)
+        if track:
+            _log_evaluation(data, probabilities, history, accuracy, loss)
+            _log_model(model, data)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
     return TrainResult(run_id, accuracy, loss, model, history)
 
@@ -445,7 +454,14 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
 # --- Evaluation and the logged model --------------------------------------------------------------
 
 
-def _log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict) -> tuple[float, float]:
+def _test_scores(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """Accuracy and plain cross-entropy (comparable across recipes, whatever their training loss)."""
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return accuracy, float(-np.mean(np.log(picked)))
+
+
+def _log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, accuracy: float, loss: float) -> None:
     import matplotlib.pyplot as plt
     import mlflow
 
@@ -453,9 +469,6 @@ def _log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict) -
 
     labels = data.test.labels
     predictions = probabilities.argmax(axis=1)
-    accuracy = float(np.mean(predictions == labels))
-    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
-    loss = float(-np.mean(np.log(picked)))  # plain cross-entropy, comparable across recipes
     mlflow.log_metrics({"test_accuracy": accuracy, "test_loss": loss})
 
     matrix = evaluate.confusion_matrix(labels, predictions, data.num_classes)
@@ -474,7 +487,6 @@ def _log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict) -
     for path, figure in figures.items():
         mlflow.log_figure(figure, path)
         plt.close(figure)
-    return accuracy, loss
 
 
 def _take(split: Split, indices: np.ndarray) -> np.ndarray:

@@ -60,6 +60,18 @@ def test_train_logs_everything_a_run_needs(tiny_npz_dir):
     } <= artifact_paths(result.run_id)
 
 
+def test_untracked_train_runs_the_same_steps_without_mlflow(tiny_npz_dir):
+    settings = dict(dataset="mnist", arch="cnn_simple", epochs=2, batch_size=16, data_dir=str(tiny_npz_dir), seed=3)
+    plain = train(track=False, **settings)
+    assert plain.run_id is None and mlflow.search_runs(search_all_experiments=True).empty
+    assert mlflow.active_run() is None
+    tracked = train(**settings)
+    # Same seed, data, model and fit: the same weights come out, so the same test figures.
+    assert plain.test_accuracy == tracked.test_accuracy
+    assert plain.test_loss == tracked.test_loss
+    assert mlflow.get_run(tracked.run_id).data.metrics["test_accuracy"] == tracked.test_accuracy
+
+
 def test_per_class_accuracy_and_confusion_matrix_agree_with_test_accuracy(tiny_npz_dir):
     result = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
     table = mlflow.load_table("evaluation/per_class_accuracy.json", run_ids=[result.run_id])
