@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import keras
 import mlflow
 import numpy as np
 import pytest
@@ -88,6 +89,9 @@ def test_logged_model_takes_uint8_and_predicts_like_the_trained_model(tiny_npz_d
     spec = loaded.metadata.signature.inputs.inputs[0]
     assert spec.type == np.dtype("uint8") and spec.shape == (-1, 28, 28, 1)
     assert loaded.metadata.metadata["class_names"] == [str(i) for i in range(10)]
+    requirements = mlflow.artifacts.load_text(f"runs:/{result.run_id}/model/requirements.txt").split()
+    assert {r.split("==")[0] for r in requirements} == {"mlflow", "keras", "numpy", "tensorflow"}
+    assert f"keras=={keras.__version__}" in requirements
     batch = np.random.default_rng(0).integers(0, 255, size=(5, 28, 28, 1), dtype=np.uint8)
     served = np.asarray(loaded.predict(batch))
     assert served.shape == (5, 10)
@@ -241,3 +245,17 @@ def test_config_defaults_match_the_tutorial():
     config = TrainConfig("cifar10", "cnn_deep")
     assert (config.epochs, config.batch_size, config.learning_rate) == (10, 128, 0.0)
     assert config.training_recipe().learning_rate == 0.001  # 0: the architecture's own, the tutorial's Adam rate
+
+
+def test_take_returns_the_asked_images_in_the_asked_order():
+    import tensorflow as tf
+
+    from experiments.datasets import Split
+    from experiments.train import _take
+
+    images = np.arange(2500, dtype=np.int64).reshape(2500, 1, 1, 1).astype(np.uint16)
+    labels = np.zeros(2500, np.int64)
+    split = Split(tf.data.Dataset.from_tensor_slices((images, labels)), labels, "digest")
+    picked = _take(split, np.array([2047, 3, 1024, 2499, 3]))
+    assert picked[:, 0, 0, 0].tolist() == [2047, 3, 1024, 2499, 3]
+    assert _take(split, np.array([], np.int64)).shape[0] == 0
