@@ -261,15 +261,16 @@ def dtype_policy(name: str):
         keras.config.set_dtype_policy(previous)
 
 
-def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True):
+def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True,
+            strides: int = 1, relu: bool = True, gamma: str = "ones"):
     """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, ReLU."""
-    x = layers.Conv2D(filters, kernel_size, padding="same", use_bias=False)(x)
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
     if pool:
         x = layers.MaxPooling2D(2)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
-    x = FastBatchNorm(momentum=momentum, scale=scale)(x)
+    x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma)(x)
     # ReLU, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
-    return layers.Activation("relu")(x)
+    return layers.Activation("relu")(x) if relu else x
 
 
 @register_model(optimizer="adamw", learning_rate=0.002, schedule="cosine", weight_decay=0.05, warmup_fraction=0.1,
@@ -323,6 +324,42 @@ def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, p
         x = layers.Rescaling(1 / 9)(x)  # airbench's logit scale: softer outputs early in training
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     return keras.Model(inputs, probabilities, name="airbench")
+
+
+def residual_block(x, filters: int, strides: int = 1):
+    """ResNet basic block. The last norm starts at zero, so each block starts as the identity; a shortcut
+    that changes shape average-pools before its 1x1 conv (ResNet-D), so no pixel is skipped."""
+    y = conv_bn(x, filters, strides=strides)
+    y = conv_bn(y, filters, relu=False, gamma="zeros")
+    shortcut = x
+    if strides > 1:
+        shortcut = layers.AveragePooling2D(strides, padding="same")(shortcut)
+    if x.shape[-1] != filters:
+        shortcut = conv_bn(shortcut, filters, kernel_size=1, relu=False)
+    return layers.Activation("relu")(layers.Add()([y, shortcut]))
+
+
+# fast.ai's xresnet, as on the Imagenette leaderboard, at ResNet-10 depth for two CPU cores: a three-conv
+# stem, one residual block per stage, scale augmentation, SGD-Nesterov with warmup and cosine decay.
+@register_model(optimizer="sgd", learning_rate=0.1, schedule="cosine", weight_decay=5e-4, warmup_fraction=0.1,
+                label_smoothing=0.1, test_time_flip=True)
+def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.25, precision: str = "mixed_bfloat16"
+            ) -> keras.Model:
+    """xresnet-style ResNet for 128-160 px images: 3-conv stem, a residual block per stage, zoom+shift+flip."""
+    with dtype_policy(precision):
+        inputs, x = _pixels(data)
+        x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+        x = augmentation(data, translate=0.1)(x)
+        x = layers.RandomZoom((-zoom, 0.0), fill_mode="reflect")(x)  # zoom in only: crops of 56-100% of the area
+        x = conv_bn(x, 32, strides=2)
+        x = conv_bn(x, 32)
+        x = conv_bn(x, 64)
+        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+        for stage, filters in enumerate(widths):
+            x = residual_block(x, filters, strides=1 if stage == 0 else 2)
+        x = layers.GlobalAveragePooling2D()(x)
+        x = layers.Dropout(0.2)(x)
+    return keras.Model(inputs, _classifier(x, data), name="xresnet")
 
 
 PATCH_WHITENING = "patch_whitening"
