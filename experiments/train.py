@@ -33,7 +33,8 @@ from experiments.datasets import (
     load_dataset,
     takes_image_size,
 )
-from experiments.cli import add_config_flags
+from experiments import checkpoints
+from experiments.cli import add_config_flags, boolean
 from experiments.errors import UserError
 from experiments.models import (
     DataSpec,
@@ -116,6 +117,7 @@ def train(
     initial_epoch: int = 0,
     evaluate: bool = True,
     track: bool = True,
+    resume: bool = False,
     **overrides,
 ) -> TrainResult:
     """Train `config.arch` on `config.dataset`, tracked in MLflow; returns the run id and test figures.
@@ -125,6 +127,9 @@ def train(
     its `callbacks` and `initial_epoch`, and `evaluate=False`: a trial is scored on its validation
     split, and neither touches the test split nor logs a model. `track=False` runs the very same steps
     with no MLflow at all (run_id is None): the baseline of the tracking-overhead benchmark.
+
+    Every epoch is checkpointed. A run killed mid-training continues from its last finished epoch,
+    in the same MLflow run: automatically under `mlflow run --run-id <id>`, or with `resume=True`.
     """
     config = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     config.validate()
@@ -139,11 +144,26 @@ def train(
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
 
     splits = _fit_splits(config, data)
-    with _tracking_run(config) if track else contextlib.nullcontext():
-        if track:
+    # A tuner trial (it passes its model) has Keras Tuner's checkpoints; a VGG16 head retrains in seconds.
+    checkpointed = track and model is None and evaluate and not recipe.features
+    active = mlflow.active_run()
+    checkpoint = checkpoints.find(config, active and active.info.run_id, resume) if checkpointed else None
+    callbacks = list(callbacks)
+    with _tracking_run(config, checkpoint) if track else contextlib.nullcontext():
+        run_id = mlflow.active_run().info.run_id if track else None
+        if checkpoint:
+            print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)
+            mlflow.set_tag("resumed_after_epoch", checkpoint.epoch)
+            checkpoints.log_missing_epochs(checkpoint)
+            # Autolog would log initial_epoch again with a new value, which MLflow refuses; its
+            # callback alone logs the remaining epochs (the params are logged already).
+            callbacks = [checkpoints.callback(run_id, config, checkpoint.history), _epoch_metrics_callback(), *callbacks]
+        elif track:
             _log_run_metadata(config, data, recipe, splits)
             # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
             mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
+            if checkpointed:  # first, ahead of autolog's: an epoch is saved before anything else sees it
+                callbacks.insert(0, checkpoints.callback(run_id, config))
         try:
             # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
             # Keras also seeds from: so tracking on or off gives the same weights.
@@ -151,10 +171,15 @@ def train(
             if recipe.features == "vgg16":
                 model, history, probabilities = _fit_vgg16_head(config, data, spec, recipe)
             else:
-                if model is None:
+                if checkpoint:
+                    model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
+                elif model is None:
                     model = get_model_entry(config.arch).build(spec, **config.options)
                     fit_patch_whitening(model, _first_images(splits[0][0], WHITENING_SAMPLE))
-                history = _fit(model, config, data, recipe, splits, list(callbacks), initial_epoch)
+                history = _fit(model, config, data, recipe, splits, callbacks, initial_epoch,
+                               compiled=checkpoint is not None)
+                if checkpoint:  # the whole run's curves, for the plots
+                    history = {k: v[: checkpoint.epoch] + history.get(k, []) for k, v in checkpoint.history.items()}
                 probabilities = None
                 if evaluate:
                     model = inference_model(model, recipe, spec)
@@ -162,13 +187,14 @@ def train(
         finally:
             if track:
                 mlflow.keras.autolog(disable=True)
-        run_id = mlflow.active_run().info.run_id if track else None
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
         accuracy, loss = _test_scores(data.test.labels, probabilities)
         if track:
             _log_evaluation(data, probabilities, history, accuracy, loss)
             _log_model(model, data)
+        if checkpointed:
+            checkpoints.remove(run_id)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
     return TrainResult(run_id, accuracy, loss, model, history)
 
@@ -196,12 +222,14 @@ def default_tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
 
 
-def _tracking_run(config: TrainConfig):
+def _tracking_run(config: TrainConfig, checkpoint=None):
     import mlflow
 
     if mlflow.active_run() is not None:  # a tuner trial or a caller's run: log into it
         return contextlib.nullcontext(mlflow.active_run())
     mlflow.set_tracking_uri(default_tracking_uri())
+    if checkpoint:
+        return mlflow.start_run(run_id=checkpoint.run_id)
     if not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` owns the experiment; otherwise one per dataset
         mlflow.set_experiment(config.dataset)
     return mlflow.start_run()
@@ -368,9 +396,10 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial
 
 
 def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, splits: tuple, callbacks: list,
-         initial_epoch: int) -> dict:
+         initial_epoch: int, compiled: bool = False) -> dict:
     (train_split, _), (validation_split, _) = splits
-    _compile(model, recipe, config, len(train_split), initial_epoch)
+    if not compiled:  # a checkpoint carries its optimizer, LR schedule position and weight average
+        _compile(model, recipe, config, len(train_split), initial_epoch)
     train_batches = _batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     validation_batches = _batches(validation_split, config.batch_size, data.num_classes)
     # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
@@ -435,11 +464,17 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
 
     path = feature_cache_path(extractor, split, weights_key)
     if path.is_file():
-        print(f"reusing cached VGG16 features {path}", flush=True)
-        features = np.load(path)
-        if mlflow.active_run():
-            mlflow.set_tag("feature_cache", "hit")
-        return features
+        try:
+            features = np.load(path, allow_pickle=False)
+            if features.shape[:1] != (len(split),):
+                raise ValueError(f"{features.shape[0]} rows for {len(split)} images")
+        except (OSError, ValueError, EOFError) as exc:  # damaged outside our atomic writes: rebuilt, never used
+            print(f"rebuilding the unreadable VGG16 feature cache {path} ({exc})", flush=True)
+        else:
+            print(f"reusing cached VGG16 features {path}", flush=True)
+            if mlflow.active_run():
+                mlflow.set_tag("feature_cache", "hit")
+            return features
     print(f"extracting VGG16 features for {len(split)} images (cached at {path})", flush=True)
     features = extractor.predict(_images(split, batch_size), verbose=1)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -449,6 +484,16 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
     if mlflow.active_run():
         mlflow.set_tag("feature_cache", "miss")
     return features
+
+
+def _epoch_metrics_callback():
+    import mlflow
+
+    class EpochMetrics(mlflow.keras.MlflowCallback):
+        def on_train_begin(self, logs=None):
+            pass  # the optimizer params and model summary were logged when the run began
+
+    return EpochMetrics()
 
 
 # --- Evaluation and the logged model --------------------------------------------------------------
@@ -537,17 +582,22 @@ def _model_requirements() -> list[str]:
 # --- Command line ----------------------------------------------------------------------------------
 
 
-def parse_args(argv=None) -> TrainConfig:
+def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(list_datasets())}")
     parser.add_argument("--arch", required=True, help=f"one of: {', '.join(list_models())}")
     add_config_flags(parser, TrainConfig, skip=("dataset", "arch"))
-    return TrainConfig(**vars(parser.parse_args(argv)))
+    parser.add_argument("--resume", type=boolean, default=False,
+                        help="continue the newest killed run of these settings from its last finished epoch")
+    args = vars(parser.parse_args(argv))
+    resume = args.pop("resume")
+    return TrainConfig(**args), resume
 
 
 def main(argv=None) -> int:
     try:
-        train(parse_args(argv))
+        config, resume = parse_args(argv)
+        train(config, resume=resume)
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -28,6 +28,9 @@ def isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CNN_TUNER_DIR", str(tmp_path / "tuner"))
+    # A sqlite store puts artifacts in ./mlruns of whichever directory the process runs in; MLflow's
+    # own (private) override keeps them, in this process and its children, with the test.
+    monkeypatch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", str(tmp_path / "artifacts"))
     for name in ("KERASTUNER_TUNER_ID", "KERASTUNER_ORACLE_IP", "KERASTUNER_ORACLE_PORT", "CNN_SEARCH_PARENT_RUN_ID"):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
