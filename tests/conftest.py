@@ -113,3 +113,52 @@ def served(model_uri: str, **env):
             yield url
     except ServerError as exc:
         pytest.fail(str(exc))
+
+
+class TrackingServer:
+    """A real `mlflow server` on loopback with a sqlite store and proxied artifacts; stop() and start()
+    again bring it back on the same port and store, as after an outage."""
+
+    def __init__(self, folder: Path, backend_uri: str | None = None):
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.port = folder, free_port()
+        self.backend_uri = backend_uri or f"sqlite:///{folder / 'server.db'}"
+        self.uri = f"http://127.0.0.1:{self.port}"
+        self.process = None
+
+    def start(self) -> "TrackingServer":
+        import subprocess
+        import time
+        import urllib.request
+
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
+             "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.folder / "artifacts"),
+             "--workers", "1"],
+            env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.time() + 120
+        while time.time() < deadline:
+            try:
+                if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
+                    return self
+            except OSError:
+                if self.process.poll() is not None:
+                    break
+                time.sleep(0.3)
+        self.stop()
+        pytest.fail(f"mlflow server did not start on port {self.port}")
+
+    def stop(self) -> None:
+        if self.process and self.process.poll() is None:
+            self.process.terminate()
+            self.process.wait(timeout=30)
+
+
+@pytest.fixture
+def tracking_server(tmp_path):
+    server = TrackingServer(tmp_path / "server").start()
+    try:
+        yield server
+    finally:
+        server.stop()

@@ -8,13 +8,12 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 
 import mlflow
 import numpy as np
 import pytest
 
-from conftest import PROJECT_ROOT, free_port, make_npz, python_env
+from conftest import PROJECT_ROOT, make_npz, python_env
 from tuning.search import SearchConfig, check_search_state, main, run_search
 
 
@@ -230,46 +229,27 @@ def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_p
     assert len(search_runs(client, best="true")) == 1
 
 
-def test_distributed_chief_and_two_workers_log_every_trial_once(tmp_path, tiny_cifar):
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}", "--artifacts-destination",
-         str(tmp_path / "server-artifacts"), "--workers", "1"],
-        env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+def test_distributed_chief_and_two_workers_log_every_trial_once(tmp_path, tiny_cifar, tracking_server):
+    uri = tracking_server.uri
+    env = {**python_env(), "MLFLOW_TRACKING_URI": uri}
+    launched = subprocess.run(
+        [sys.executable, "-m", "tuning.distributed", "--workers", "2", "--",
+         "--dataset", "cifar10", "--tuner", "random", "--max-trials", "4", "--max-epochs", "1",
+         "--data-dir", str(tiny_cifar), "--search-name", "spread"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
     )
-    uri = f"http://127.0.0.1:{port}"
-    try:
-        for _ in range(120):
-            try:
-                if urllib.request.urlopen(f"{uri}/health", timeout=2).status == 200:
-                    break
-            except OSError:
-                time.sleep(0.5)
-        else:
-            pytest.fail("mlflow server did not start")
-        env = {**python_env(), "MLFLOW_TRACKING_URI": uri}
-        launched = subprocess.run(
-            [sys.executable, "-m", "tuning.distributed", "--workers", "2", "--",
-             "--dataset", "cifar10", "--tuner", "random", "--max-trials", "4", "--max-epochs", "1",
-             "--data-dir", str(tiny_cifar), "--search-name", "spread"],
-            cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
-        )
-        assert launched.returncode == 0, launched.stderr[-3000:]
-        client = mlflow.MlflowClient(uri)
-        [parent] = search_runs(client, search_role="parent")
-        assert parent.info.status == "FINISHED"
-        trials = search_runs(client, search_role="trial")
-        assert sorted(r.data.tags["trial_id"] for r in trials) == ["0", "1", "2", "3"]
-        assert all(r.info.status == "FINISHED" for r in trials)
-        assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
-        assert {r.data.tags["tuner_id"] for r in trials} <= {"tuner0", "tuner1"}
-        [best] = search_runs(client, best="true")
-        assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
-        assert (tmp_path / "tuner" / "spread" / "oracle.json").is_file()  # the shared state was kept
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    assert launched.returncode == 0, launched.stderr[-3000:]
+    client = mlflow.MlflowClient(uri)
+    [parent] = search_runs(client, search_role="parent")
+    assert parent.info.status == "FINISHED"
+    trials = search_runs(client, search_role="trial")
+    assert sorted(r.data.tags["trial_id"] for r in trials) == ["0", "1", "2", "3"]
+    assert all(r.info.status == "FINISHED" for r in trials)
+    assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in trials)
+    assert {r.data.tags["tuner_id"] for r in trials} <= {"tuner0", "tuner1"}
+    [best] = search_runs(client, best="true")
+    assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
+    assert (tmp_path / "tuner" / "spread" / "oracle.json").is_file()  # the shared state was kept
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -1,0 +1,57 @@
+"""A tracking server outage mid-run: training goes on, and the outage epochs' metrics arrive afterwards."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import mlflow
+import numpy as np
+from conftest import PROJECT_ROOT, make_npz, python_env
+
+from experiments import checkpoints
+
+EPOCHS = 40
+OUTAGE_SECONDS = 30
+
+
+def finished_epochs() -> int:
+    saved = [checkpoints.latest(folder) for folder in checkpoints.root().glob("*")]
+    return max((c.epoch for c in saved if c), default=0)
+
+
+def test_training_outlives_a_30_second_tracking_server_outage(tmp_path, tracking_server):
+    make_npz(tmp_path / "mnist.npz", n_train=1200, n_test=100)
+    log = open(tmp_path / "train.log", "w")
+    training = subprocess.Popen(
+        [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "cnn_simple",
+         "--epochs", str(EPOCHS), "--batch-size", "16", "--data-dir", str(tmp_path)],
+        cwd=PROJECT_ROOT, env={**python_env(), "MLFLOW_TRACKING_URI": tracking_server.uri}, stdout=log,
+        stderr=subprocess.STDOUT,
+    )
+    client = mlflow.MlflowClient(tracking_server.uri)
+    deadline = time.time() + 300
+    while finished_epochs() < 2:
+        assert training.poll() is None and time.time() < deadline, (tmp_path / "train.log").read_text()[-2000:]
+        time.sleep(0.1)
+    (run,) = client.search_runs([client.get_experiment_by_name("mnist").experiment_id])
+
+    tracking_server.stop()
+    before = finished_epochs()
+    time.sleep(OUTAGE_SECONDS)
+    during = finished_epochs() - before
+    tracking_server.start()
+
+    assert training.wait(timeout=600) == 0, (tmp_path / "train.log").read_text()[-3000:]
+    assert during >= 3, f"training stalled while the server was down ({during} epochs in {OUTAGE_SECONDS} s)"
+    assert before + during < EPOCHS  # the outage fell inside training
+    finished = client.get_run(run.info.run_id)
+    assert finished.info.status == "FINISHED"
+    for metric in ("loss", "accuracy", "val_loss", "val_accuracy"):
+        history = client.get_metric_history(run.info.run_id, metric)
+        assert sorted(m.step for m in history) == list(range(EPOCHS)), metric  # none lost, none twice
+    assert "test_accuracy" in finished.data.metrics
+    mlflow.set_tracking_uri(tracking_server.uri)  # the model reached the server, and loads from it
+    model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
+    assert np.asarray(model.predict(np.zeros((2, 28, 28, 1), np.uint8))).shape == (2, 10)
