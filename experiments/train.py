@@ -147,7 +147,8 @@ def train(
     # A tuner trial (it passes its model) has Keras Tuner's checkpoints; a VGG16 head retrains in seconds.
     checkpointed = track and model is None and evaluate and not recipe.features
     active = mlflow.active_run()
-    checkpoint = checkpoints.find(config, active and active.info.run_id, resume) if checkpointed else None
+    run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` sets the latter
+    checkpoint = checkpoints.find(config, run_id, resume) if checkpointed else None
     callbacks = list(callbacks)
     with _tracking_run(config, checkpoint) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None

@@ -74,17 +74,18 @@ class StopAfter(keras.callbacks.Callback):
             raise RuntimeError("power cut")
 
 
-def test_a_run_with_a_checkpoint_continues_by_itself_when_reopened(tiny_npz_dir):
+def test_a_run_with_a_checkpoint_continues_by_itself_when_reopened(tiny_npz_dir, monkeypatch):
     config = TrainConfig(dataset="mnist", arch="cnn_simple", epochs=5, batch_size=16, data_dir=str(tiny_npz_dir))
     mlflow.set_experiment("mnist")
     with pytest.raises(RuntimeError, match="power cut"), mlflow.start_run() as run:
         train(config, callbacks=[StopAfter(2)])
     assert checkpoints.latest(checkpoints.root() / run.info.run_id).epoch == 2
 
-    # What `mlflow run --run-id <id>` does: the entry point runs inside the old run.
-    with mlflow.start_run(run_id=run.info.run_id):
-        result = train(config)
-    assert result.run_id == run.info.run_id
+    # What `mlflow run --run-id <id>` does: the entry point starts with MLFLOW_RUN_ID=<id>.
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    result = train(config)
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)  # start_run() consumes it
+    assert result.run_id == run.info.run_id and mlflow.get_run(result.run_id).info.status == "FINISHED"
     assert steps(run.info.run_id, "accuracy") == [0, 1, 2, 3, 4]
     assert len(result.history["accuracy"]) == 5  # the learning curves span the whole run
 
