@@ -111,14 +111,20 @@ def callback(run_id: str, config, history: dict | None = None):
                 self.history.setdefault(name, []).append(float(value))
             folder = root() / run_id
             staging = folder / f".staging-{epoch + 1:04d}-{os.getpid()}"
-            shutil.rmtree(staging, ignore_errors=True)
-            staging.mkdir(parents=True)
-            self.model.save(staging / "model.keras")
-            state = {"run_id": run_id, "config_key": key, "epoch": epoch + 1, "history": self.history}
-            (staging / "state.json").write_text(json.dumps(state))
             target = folder / f"{PREFIX}{epoch + 1:04d}"
-            shutil.rmtree(target, ignore_errors=True)
-            os.replace(staging, target)  # the epoch appears whole or not at all
+            try:
+                shutil.rmtree(staging, ignore_errors=True)
+                staging.mkdir(parents=True)
+                self.model.save(staging / "model.keras")
+                state = {"run_id": run_id, "config_key": key, "epoch": epoch + 1, "history": self.history}
+                (staging / "state.json").write_text(json.dumps(state))
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(staging, target)  # the epoch appears whole or not at all
+            except OSError as exc:  # a full disk costs the checkpoint, not the training
+                shutil.rmtree(staging, ignore_errors=True)
+                print(f"epoch {epoch + 1} not checkpointed ({exc.strerror or exc}); free space in {folder} "
+                      "to make this run resumable", flush=True)
+                return
             for older in folder.glob(f"{PREFIX}*"):
                 if older != target:
                     shutil.rmtree(older, ignore_errors=True)

@@ -16,6 +16,7 @@ Adding a dataset is one decorated function returning an `ImageData`:
 from __future__ import annotations
 
 import dataclasses
+import errno
 import hashlib
 import os
 import shutil
@@ -23,6 +24,7 @@ import sys
 import tarfile
 import tempfile
 import zipfile
+import zlib
 from pathlib import Path
 from typing import Callable
 
@@ -34,6 +36,10 @@ AUTOTUNE = -1  # tf.data.AUTOTUNE, without importing TensorFlow at module load
 IMAGE_EXTENSIONS = {".jpg", ".jpeg", ".png", ".bmp", ".gif"}
 ARCHIVE_SUFFIXES = (".tar.gz", ".tgz", ".tar", ".zip")
 SPLIT_TEST_NAMES = ("test", "val")
+MIN_IMAGE_SIDE = 8  # smaller files (icons, 1x1 tracking pixels) carry no class: skipped and counted
+# Larger files are skipped and counted before decoding (a decompression bomb would exhaust memory).
+MAX_IMAGE_PIXELS = int(os.environ.get("CNN_MAX_IMAGE_PIXELS", 2**26))
+NO_SPACE = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 
 
 @dataclasses.dataclass
@@ -207,8 +213,14 @@ def find_local(data_dir: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def cache_dir() -> Path:
+    """Where extracted archives, VGG16 features and checkpoints go; checked writable before any run starts."""
     root = Path(os.environ.get("CNN_CACHE_DIR") or Path.home() / ".cache" / "cnn-mlflow")
-    root.mkdir(parents=True, exist_ok=True)
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        tempfile.TemporaryFile(dir=root).close()
+    except OSError as exc:
+        raise UserError(f"cache directory {root} is not writable ({exc.strerror}); "
+                        "set CNN_CACHE_DIR to a writable folder") from None
     return root
 
 
@@ -240,10 +252,13 @@ def unpack(path: Path) -> Path:
         else:
             with tarfile.open(path) as archive:
                 archive.extractall(staging, filter="data")  # refuses absolute paths, '..' and links out
-    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError) as exc:
+    except (tarfile.TarError, zipfile.BadZipFile, EOFError, OSError, zlib.error) as exc:
         shutil.rmtree(staging, ignore_errors=True)
         if isinstance(exc, tarfile.FilterError):
             raise UserError(f"{path} holds an unsafe entry ({exc}); refusing to extract it") from None
+        if isinstance(exc, OSError) and exc.errno in NO_SPACE:
+            raise UserError(f"cannot extract {path} into {target.parent} ({exc.strerror}); free space there "
+                            "or set CNN_CACHE_DIR to a folder with room") from None
         raise UserError(f"cannot extract {path} ({exc}); replace the archive with a complete copy") from None
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -252,8 +267,12 @@ def unpack(path: Path) -> Path:
     return target
 
 
+def _hidden(name: str) -> bool:
+    return name.startswith(".") or name == "__MACOSX"  # dot files, and the resource forks of macOS zips
+
+
 def _visible(path: Path) -> list[Path]:
-    return sorted(p for p in path.iterdir() if not p.name.startswith("."))
+    return sorted(p for p in path.iterdir() if not _hidden(p.name))
 
 
 def dataset_root(path: Path) -> Path:
@@ -284,7 +303,8 @@ def _list_class_files(split_dir: Path, class_names: list[str]) -> tuple[list[str
         if not folder.is_dir():
             continue
         for file in sorted(folder.rglob("*")):
-            if file.is_file() and not file.name.startswith(".") and file.suffix.lower() in IMAGE_EXTENSIONS:
+            hidden = any(_hidden(part) for part in file.relative_to(folder).parts)  # .ipynb_checkpoints/ too
+            if file.is_file() and not hidden and file.suffix.lower() in IMAGE_EXTENSIONS:
                 paths.append(str(file))
                 labels.append(label)
     return paths, np.asarray(labels, dtype=np.int64)
@@ -393,6 +413,10 @@ def from_folder(
         test_paths, test_labels = [paths[i] for i in test_idx], labels[test_idx]
         info.update(test_split="seeded_stratified", test_fraction=source.test_fraction, split_seed=source.seed)
     non_empty = sorted(set(train_labels.tolist()))
+    empty = [folder for label, folder in enumerate(folders) if label not in non_empty]
+    if empty and len(non_empty) >= 2:
+        raise UserError(f"class folder(s) {', '.join(empty[:5])} under {root} hold no training images; "
+                        "add images or remove the folder(s)")
     if len(non_empty) < 2:
         raise UserError(
             f"{root} has {len(non_empty)} class folder(s) with images; a classifier needs at least 2 "
@@ -429,7 +453,13 @@ def _image_split(paths: list[str], labels: np.ndarray, root: Path, size: int, ch
     import tensorflow as tf
 
     def decode(path, label):
-        image = tf.io.decode_image(tf.io.read_file(path), channels=channels, expand_animations=False)
+        contents = tf.io.read_file(path)
+        tf.debugging.assert_less_equal(_declared_pixels(contents), tf.constant(MAX_IMAGE_PIXELS, tf.int64))
+        # BMP and GIF decode to 3 channels only; greyscale datasets convert after.
+        image = tf.io.decode_image(contents, channels=3 if channels == 1 else channels, expand_animations=False)
+        if channels == 1:
+            image = tf.image.rgb_to_grayscale(image)
+        tf.debugging.assert_greater_equal(tf.reduce_min(tf.shape(image)[:2]), MIN_IMAGE_SIDE)
         image = tf.image.resize(image, (size, size))
         return tf.cast(tf.clip_by_value(tf.round(image), 0, 255), tf.uint8), label
 
@@ -444,6 +474,26 @@ def _image_split(paths: list[str], labels: np.ndarray, root: Path, size: int, ch
     # ignore_errors() hides the length from Keras; we know it now.
     images = images.apply(tf.data.experimental.assert_cardinality(len(kept)))
     return Split(images=images, labels=kept, digest=_files_digest(paths, labels, root), skipped=len(paths) - len(kept))
+
+
+def _declared_pixels(contents):
+    """Width x height from a JPEG's or PNG's header, without decoding (0 for other formats)."""
+    import tensorflow as tf
+
+    def png():
+        header = tf.cast(tf.io.decode_raw(tf.strings.substr(contents, 16, 8), tf.uint8), tf.int64)
+        width = header[0] * 2**24 + header[1] * 2**16 + header[2] * 2**8 + header[3]
+        height = header[4] * 2**24 + header[5] * 2**16 + header[6] * 2**8 + header[7]
+        return width * height
+
+    def jpeg():
+        shape = tf.cast(tf.image.extract_jpeg_shape(contents), tf.int64)
+        return shape[0] * shape[1]
+
+    is_png = tf.logical_and(tf.strings.length(contents) >= 24,
+                            tf.equal(tf.strings.substr(contents, 0, 8), b"\x89PNG\r\n\x1a\n"))
+    is_jpeg = tf.equal(tf.strings.substr(contents, 0, 2), b"\xff\xd8")
+    return tf.case([(is_png, png), (is_jpeg, jpeg)], default=lambda: tf.constant(0, tf.int64))
 
 
 def _fill_cache(images, total: int, title: str) -> np.ndarray:
@@ -492,13 +542,21 @@ def from_npz(path: Path, name: str, class_names: list[str] | None, source: Sourc
             if missing:
                 raise UserError(f"{path} lacks {', '.join(missing)}; a Keras-layout .npz holds x_train, y_train, x_test, y_test")
             arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, zipfile.BadZipFile) as exc:
-        raise UserError(f"cannot read {path} ({exc}); replace it with a valid .npz") from None
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        raise UserError(f"cannot read {path} ({exc or 'empty file'}); replace it with a valid .npz") from None
     for key in ("x_train", "x_test"):
         if arrays[key].dtype != np.uint8 or arrays[key].ndim not in (3, 4):
             raise UserError(
                 f"{path}: {key} is {arrays[key].dtype} with shape {arrays[key].shape}; expected uint8 (N, H, W[, C])"
             )
+    for key in ("y_train", "y_test"):
+        labels = arrays[key]
+        if len(labels) != len(arrays["x" + key[1:]]) or not len(labels) or not np.issubdtype(labels.dtype, np.integer):
+            raise UserError(f"{path}: {key} has {len(labels)} {labels.dtype} labels for {len(arrays['x' + key[1:]])} "
+                            "images; expected one integer label per image")
+        if labels.min() < 0 or (class_names and labels.max() >= len(class_names)):
+            raise UserError(f"{path}: {key} holds labels {labels.min()}..{labels.max()}; expected 0.."
+                            f"{len(class_names) - 1 if class_names else 'N-1'}")
     n_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
     names = class_names or [str(i) for i in range(n_classes)]
     return source.arrays(name, *arrays.values(), names, str(path))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import inspect
 import json
 import os
 import platform
@@ -86,11 +87,19 @@ class TrainConfig:
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
+        if self.seed < 0:
+            raise UserError(f"seed must be 0 or a positive integer, got {self.seed}")
         if not self.learning_rate >= 0:
             raise UserError(f"learning_rate must be positive (or 0 for the architecture's own), got {self.learning_rate}")
         if not 0.0 <= self.validation_fraction < 1.0:
             raise UserError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
         self.training_recipe()  # unknown recipe options fail here
+        try:  # unknown architecture options fail here, not after the run has started
+            inspect.signature(get_model_entry(self.arch).build).bind(None, **self.options)
+        except TypeError as exc:
+            raise UserError(f"bad options for {self.arch} ({exc}); see the keyword arguments of its builder in "
+                            "experiments/models.py") from None
+        cache_dir()  # not writable: fails here
         check_dataset_args(self.dataset, self.data_dir, self.image_size, self.limit, self.test_fraction)
         if get_model_entry(self.arch).recipe.features == "vgg16":
             if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
@@ -137,6 +146,8 @@ def train(
     import keras
     import mlflow
 
+    if track and mlflow.active_run() is None:
+        check_tracking_server()
     data = load_data(config)
     recipe = config.training_recipe()
     spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
@@ -221,6 +232,26 @@ def load_data(config: TrainConfig) -> ImageData:
 def default_tracking_uri() -> str:
     """The embedded store in the project root, unless MLFLOW_TRACKING_URI says otherwise."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str = "") -> str:
+    """A tracking server must answer before data is read or a run is created: MLflow itself would retry
+    for about 4 minutes, then end in a traceback."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (401 behind basic auth, say): reachable
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            reason = getattr(reason, "strerror", None) or reason
+            raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, "
+                            "or unset MLFLOW_TRACKING_URI to use ./mlflow.db") from None
+    return uri
 
 
 def _tracking_run(config: TrainConfig, checkpoint=None):
@@ -478,10 +509,17 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
             return features
     print(f"extracting VGG16 features for {len(split)} images (cached at {path})", flush=True)
     features = extractor.predict(_images(split, batch_size), verbose=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.partial", delete=False) as tmp:
-        np.save(tmp, features)
-    os.replace(tmp.name, path)  # atomic: a kill never leaves a half-written cache under the real name
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".npy.partial", delete=False) as tmp:
+            try:
+                np.save(tmp, features)
+            except OSError:
+                os.unlink(tmp.name)
+                raise
+        os.replace(tmp.name, path)  # atomic: a kill never leaves a half-written cache under the real name
+    except OSError as exc:  # a full disk costs the cache, not the run
+        print(f"VGG16 features not cached ({exc.strerror}); free space in {path.parent} to reuse them", flush=True)
     if mlflow.active_run():
         mlflow.set_tag("feature_cache", "miss")
     return features

@@ -214,6 +214,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
                         f"{self.max_image_pixels:,} pixels; downscale it, or raise CNN_SERVE_MAX_IMAGE_PIXELS"
                     )
                 image.load()  # decodes fully: a truncated file fails here
+                if image.mode in ("I;16", "I;16B", "I;16L", "I"):
+                    # 16-bit greyscale: keep the high byte, as TensorFlow's decoder did in training
+                    # (Pillow's convert would clip everything above 255 to white).
+                    image = Image.fromarray((np.asarray(image, dtype=np.uint32) >> 8).clip(0, 255).astype(np.uint8))
                 image = image.convert("L" if self.image_shape[2] == 1 else "RGB")
                 pixels = np.asarray(image, dtype=np.uint8)
         except Image.DecompressionBombError:

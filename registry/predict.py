@@ -84,6 +84,8 @@ def main(argv=None) -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
     try:
+        if args.batch_size < 1:
+            raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
         files = image_files(args.images)
         rows = predict_files(files, args.url, args.model, args.batch_size)
     except UserError as exc:

@@ -180,8 +180,9 @@ def rollback(name: str, dry_run: bool = False, client=None) -> Decision:
 def _client():
     import mlflow
 
-    from experiments.train import default_tracking_uri
+    from experiments.train import check_tracking_server, default_tracking_uri
 
+    check_tracking_server()
     mlflow.set_tracking_uri(default_tracking_uri())
     mlflow.set_registry_uri(default_tracking_uri())
     return mlflow.MlflowClient()

@@ -148,6 +148,9 @@ BAD_REQUESTS = {  # name: (payload builder, a fragment of the 400 message)
         lambda x: {"inputs": [encoded(np.zeros((300, 300, 3), np.uint8))]}, "is 300x300 (90,000 pixels), over the cap of 5,000 pixels"
     ),
     "over the batch cap": (lambda x: {"inputs": np.repeat(x[:1], 9, axis=0).tolist()}, "over the cap of 8"),
+    "no batch axis": (lambda x: {"inputs": x[0].tolist()}, "shape"),
+    "ragged rows": (lambda x: {"inputs": [x[0].tolist(), x[1, :5].tolist()]}, "inhomogeneous shape"),  # MLflow's
+    "wrong top-level key": (lambda x: {"images": x.tolist()}, "inputs"),
 }
 
 
@@ -180,7 +183,15 @@ def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
         status, body = post(url, payload(images))
         assert status == 400, case
         assert fragment in body["message"], (case, body["message"][-300:])
-    assert post(url, None, raw=b"{not json")[0] == 400
+    status, body = post(url, None, raw=b"{not json")
+    assert status == 400 and "valid JSON" in body["message"]
+    # A 16-bit greyscale PNG (mode I;16) is scaled to 8 bits as training's decoder does, not clipped white.
+    wide = (images[0].mean(axis=2).astype(np.uint16) * 257)
+    buffer = io.BytesIO()
+    Image.fromarray(wide).save(buffer, format="PNG")
+    status, body = post(url, {"inputs": [base64.b64encode(buffer.getvalue()).decode()]})
+    grey = np.repeat((wide >> 8).astype(np.uint8)[..., None], 3, axis=2)
+    assert status == 200 and body["predictions"][0]["class_index"] == local.predict(grey[None])[0]["class_index"]
     assert post(url, {"inputs": images[:1].tolist()})[0] == 200  # still serving
 
     # The client: a folder of image files, through the server and locally.

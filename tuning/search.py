@@ -22,7 +22,14 @@ from pathlib import Path
 
 from experiments.cli import add_config_flags
 from experiments.errors import UserError
-from experiments.train import PROJECT_ROOT, TrainConfig, default_tracking_uri, load_data, train
+from experiments.train import (
+    PROJECT_ROOT,
+    TrainConfig,
+    check_tracking_server,
+    default_tracking_uri,
+    load_data,
+    train,
+)
 from tuning.spaces import choose, get_space
 
 TUNERS = ("hyperband", "bayesian", "random")
@@ -402,6 +409,7 @@ def run_search(config: SearchConfig, callbacks=()):
     import mlflow
 
     config.validate()
+    check_tracking_server()
     data = load_data(config.train_config(1))  # once per process; trials reuse it
     check_fits(data.image_shape, config)
     check_search_state(config)
