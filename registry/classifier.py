@@ -74,7 +74,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             os.environ.get("CNN_SERVE_MAX_IMAGE_PIXELS") or config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
         )
         set_nodelay_on_every_tcp_socket()
-        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False)
+        self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         # One traced graph for every batch size: Keras predict() per request costs milliseconds of setup.
         self._forward = tf.function(
             lambda images: self.model(images, training=False),

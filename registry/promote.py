@@ -253,7 +253,15 @@ def log_serving_model(client, run_id: str) -> str:
     packages = ["mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow"]
     with tempfile.TemporaryDirectory() as tmp:
         keras_path = Path(tmp) / "model.keras"
-        mlflow.keras.load_model(source).save(keras_path)
+        # safe_mode: a model from the tracking store may not run arbitrary code (lambdas) while loading.
+        try:
+            model = mlflow.keras.load_model(source, load_model_kwargs={"safe_mode": True})
+        except ValueError as exc:
+            if "safe_mode" not in str(exc):
+                raise
+            raise UserError(f"the model of run {run_id} holds Python code (a Lambda layer) that safe mode "
+                            "does not load; retrain it with stock layers") from None
+        model.save(keras_path)
         logged = Model.log(
             artifact_path=None,
             name="serving",

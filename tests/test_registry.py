@@ -256,3 +256,29 @@ def test_vgg16_head_is_promoted_under_its_own_name_and_served(tiny_cifar, tmp_pa
     with served("models:/cifar10-vgg16@champion", MLFLOW_TRACKING_URI=isolated_tracking,
                 CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000") as url:
         check_serving(url, "cifar10-vgg16", images, tmp_path)
+
+
+def test_a_model_holding_python_code_is_not_promoted(capsys):
+    """safe_mode: a Lambda layer in a logged model is refused, in one line, and nothing is registered."""
+    import keras
+
+    from experiments.train import model_signature
+
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    outputs = keras.layers.Dense(3, activation="softmax")(
+        keras.layers.Lambda(lambda x: keras.ops.mean(keras.ops.cast(x, "float32"), axis=(1, 2)))(inputs))
+    mlflow.set_experiment("cifar10")
+    with mlflow.start_run() as run:
+        mlflow.set_tags({"dataset": "cifar10", "arch": "cnn_simple", "data_digest": "d"})
+        mlflow.log_metric("test_accuracy", 0.9)
+
+        class Data:
+            image_shape, num_classes = (32, 32, 3), 3
+
+        mlflow.keras.log_model(keras.Model(inputs, outputs), name="model", signature=model_signature(Data),
+                               metadata={"class_names": ["a", "b", "c"]})
+    assert registry.main(["--dataset", "cifar10"]) == 2
+    [line] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert line == (f"error: the model of run {run.info.run_id} holds Python code (a Lambda layer) that safe mode "
+                    "does not load; retrain it with stock layers")
+    assert not mlflow.MlflowClient().search_registered_models()
