@@ -119,29 +119,33 @@ class TrackingServer:
     """A real `mlflow server` on loopback with a sqlite store and proxied artifacts; stop() and start()
     again bring it back on the same port and store, as after an outage."""
 
-    def __init__(self, folder: Path, backend_uri: str | None = None):
+    def __init__(self, folder: Path, backend_uri: str | None = None, app_name: str = "", env: dict | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
         self.backend_uri = backend_uri or f"sqlite:///{folder / 'server.db'}"
         self.uri = f"http://127.0.0.1:{self.port}"
+        self.app_name, self.env = app_name, env or {}
         self.process = None
 
     def start(self) -> "TrackingServer":
         import subprocess
         import time
+        import urllib.error
         import urllib.request
 
         self.process = subprocess.Popen(
             [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(self.port),
              "--backend-store-uri", self.backend_uri, "--artifacts-destination", str(self.folder / "artifacts"),
-             "--workers", "1"],
-            env=python_env(), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+             "--workers", "1", *(["--app-name", self.app_name] if self.app_name else [])],
+            env={**python_env(), **self.env}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         deadline = time.time() + 120
         while time.time() < deadline:
             try:
                 if urllib.request.urlopen(f"{self.uri}/health", timeout=2).status == 200:
                     return self
+            except urllib.error.HTTPError:  # it answers (401 behind basic auth): it is up
+                return self
             except OSError:
                 if self.process.poll() is not None:
                     break
@@ -162,3 +166,30 @@ def tracking_server(tmp_path):
         yield server
     finally:
         server.stop()
+
+
+def outside_addresses() -> list[str]:
+    """This machine's non-loopback IPv4 addresses (what another host would connect to)."""
+    import fcntl
+    import socket
+    import struct
+
+    addresses = set()
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as probe:
+        for _, name in socket.if_nameindex():
+            try:  # SIOCGIFADDR: the interface's IPv4 address
+                packed = fcntl.ioctl(probe.fileno(), 0x8915, struct.pack("256s", name[:15].encode()))
+            except OSError:
+                continue  # no IPv4 address
+            addresses.add(socket.inet_ntoa(packed[20:24]))
+    return sorted(a for a in addresses if not a.startswith("127."))
+
+
+def assert_loopback_only(port: int) -> None:
+    """`port` answers on 127.0.0.1 and refuses every other address of this machine."""
+    import socket
+
+    socket.create_connection(("127.0.0.1", port), timeout=5).close()
+    for address in outside_addresses():
+        with pytest.raises(OSError):
+            socket.create_connection((address, port), timeout=5).close()

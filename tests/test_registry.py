@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import PROJECT_ROOT, make_npz, python_env, served
+from conftest import PROJECT_ROOT, assert_loopback_only, make_npz, python_env, served
 from experiments.errors import UserError
 from experiments.train import train
 from registry import promote as registry
@@ -156,6 +156,7 @@ BAD_REQUESTS = {  # name: (payload builder, a fragment of the 400 message)
 
 def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
     """Tensor, instances and base64 forms agree with a local pyfunc load; every bad request is a 400."""
+    assert_loopback_only(int(url.rsplit(":", 1)[1]))  # not reachable from another machine
     local = mlflow.pyfunc.load_model(f"models:/{name}@champion")
     records = local.predict(images)
     assert isinstance(records, list) and len(records) == len(images)
