@@ -193,3 +193,26 @@ def assert_loopback_only(port: int) -> None:
     for address in outside_addresses():
         with pytest.raises(OSError):
             socket.create_connection((address, port), timeout=5).close()
+
+
+@pytest.fixture
+def postgres_uri():
+    """A throwaway PostgreSQL database; CNN_TEST_POSTGRES_URI (set by .ci/run) names a user that may create them."""
+    import uuid
+
+    base = os.environ.get("CNN_TEST_POSTGRES_URI")
+    if not base:
+        pytest.skip("CNN_TEST_POSTGRES_URI is not set: `export CNN_TEST_POSTGRES_URI=$(CNN_PG_CREATEDB=1 bash "
+                    "scripts/server.sh db)`")
+    import psycopg
+
+    name = f"cnn_test_{uuid.uuid4().hex[:12]}"
+    admin = psycopg.connect(base, autocommit=True)
+    with admin.cursor() as cursor:
+        cursor.execute(f'CREATE DATABASE "{name}"')
+    try:
+        yield f"{base.rsplit('/', 1)[0]}/{name}"
+    finally:
+        with admin.cursor() as cursor:
+            cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        admin.close()

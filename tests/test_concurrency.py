@@ -1,0 +1,54 @@
+"""Three tuner workers and two training runs at once against one `mlflow server`: nothing lost, no locks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import pytest
+from conftest import PROJECT_ROOT, TrackingServer, python_env
+
+EPOCHS = 3
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgresql"])
+def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tiny_cifar, request):
+    store = request.getfixturevalue("postgres_uri") if backend == "postgresql" else None
+    server = TrackingServer(tmp_path / "server", backend_uri=store).start()
+    try:
+        env = {**python_env(), "MLFLOW_TRACKING_URI": server.uri}
+        logs = {}
+
+        def start(name, argv):
+            logs[name] = tmp_path / f"{name}.log"
+            return subprocess.Popen([sys.executable, *argv], cwd=PROJECT_ROOT, env=env, stdout=open(logs[name], "w"),
+                                    stderr=subprocess.STDOUT)
+
+        processes = {
+            "search": start("search", ["-m", "tuning.distributed", "--workers", "3", "--", "--dataset", "cifar10",
+                                       "--tuner", "random", "--max-trials", "6", "--max-epochs", "1",
+                                       "--data-dir", str(tiny_cifar), "--search-name", "crowd"]),
+            **{f"train{n}": start(f"train{n}", ["-m", "experiments.train", "--dataset", "cifar10", "--arch",
+                                                "cnn_simple", "--epochs", str(EPOCHS), "--batch-size", "16",
+                                                "--seed", str(n), "--data-dir", str(tiny_cifar)])
+               for n in (1, 2)},
+        }
+        codes = {name: process.wait(timeout=900) for name, process in processes.items()}
+        outputs = {name: path.read_text() for name, path in logs.items()}
+        assert codes == dict.fromkeys(processes, 0), {n: outputs[n][-2000:] for n, c in codes.items() if c}
+        assert not any("database is locked" in text for text in outputs.values())
+
+        client = mlflow.MlflowClient(server.uri)
+        runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
+        trials = [r for r in runs if r.data.tags.get("search_role") == "trial"]
+        assert sorted(r.data.tags["trial_id"] for r in trials) == [str(n) for n in range(6)]  # each exactly once
+        [parent] = [r for r in runs if r.data.tags.get("search_role") == "parent"]
+        assert {r.data.tags["mlflow.parentRunId"] for r in trials} == {parent.info.run_id}
+        trained = [r for r in runs if r.data.tags.get("arch") == "cnn_simple" and "search_role" not in r.data.tags]
+        assert len(trained) == 2
+        for run in trained:
+            assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "accuracy")) == list(range(EPOCHS))
+        assert all(r.info.status == "FINISHED" for r in runs)
+    finally:
+        server.stop()
