@@ -62,9 +62,13 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
         contexts = {tag.value for d in client.get_run(run.info.run_id).inputs.dataset_inputs for tag in d.tags
                     if tag.key == "mlflow.data.context"}
         assert contexts == {"training", "validation"}  # trials never see the test split
-    # The first trial is the tutorial's cnn_deep with its recipe.
-    first = min(trials, key=lambda r: r.data.tags["trial_id"])
-    assert {k: first.data.params[k] for k in TUTORIAL_POINT} == TUTORIAL_POINT
+    # The first trial is the tutorial's cnn_deep with its recipe; the next ones change one thing each.
+    by_id = {int(r.data.tags["trial_id"]): r.data.params for r in trials}
+    assert {k: by_id[0][k] for k in TUTORIAL_POINT} == TUTORIAL_POINT
+    changed = [{"batch_norm": "True"}, {"schedule": "cosine"}]
+    for trial_id, change in enumerate(changed, start=1):
+        if trial_id in by_id:
+            assert {k: by_id[trial_id][k] for k in TUTORIAL_POINT} == {**TUTORIAL_POINT, **change}
 
     experiment_ids = [parent.info.experiment_id]
     for run in trials:  # no model per trial

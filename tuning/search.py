@@ -30,7 +30,7 @@ from experiments.train import (
     load_data,
     train,
 )
-from tuning.spaces import choose, get_space
+from tuning.spaces import STEPS_FROM_TUTORIAL, choose, get_space
 
 TUNERS = ("hyperband", "bayesian", "random")
 OBJECTIVE = "val_accuracy"
@@ -281,19 +281,22 @@ def make_tuner(config: SearchConfig, tracker: Tracker | None):
                    "random": kt.oracles.RandomSearchOracle}[config.tuner]
 
     class Oracle(oracle_base):
-        """Runs the tutorial's point first, and stops handing out trials at max_trials or the deadline."""
+        """Runs the tutorial's point first, then its one-change steps; stops handing out trials at
+        max_trials or the deadline."""
 
         deadline = 0.0
 
         def _random_values(self):
-            if not self.trials:  # the first trial: every hyperparameter at its (tutorial) default
+            if len(self.trials) <= len(STEPS_FROM_TUTORIAL):
                 import keras_tuner as kt
 
+                # Every hyperparameter at its (tutorial) default, but for this trial's one change.
+                step = STEPS_FROM_TUTORIAL[len(self.trials) - 1] if self.trials else {}
                 hps = kt.HyperParameters()
                 for hp in self.hyperparameters.space:
                     hps.merge([hp])
                     if hps.is_active(hp):
-                        hps.values[hp.name] = hp.default
+                        hps.values[hp.name] = step.get(hp.name, hp.default)
                 return hps.values
             return super()._random_values()
 
