@@ -20,7 +20,7 @@ tune: install  ## a Keras Tuner search on CIFAR-10 (ARGS="-P tuner=bayesian -P m
 	mlflow run . -e tune_cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
 
 test: install
-	python -m pytest -q --durations=15 tests
+	python -m pytest -q -n 2 --durations=15 tests
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
