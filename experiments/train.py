@@ -314,7 +314,24 @@ def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe, spli
             digest=split.digest,
             schema=schema,
         )
-        mlflow.log_input(dataset, context=context)
+        _log_input(dataset, context)
+
+
+def _log_input(dataset, context: str, attempts: int = 5) -> None:
+    """mlflow.log_input, retried: MLflow checks for the dataset, then inserts it, so two runs logging the
+    same new dataset at once can collide on its unique key (seen with three tuner workers and two
+    trainings on one server). The retry finds the dataset the other run inserted."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    for attempt in range(attempts):
+        try:
+            return mlflow.log_input(dataset, context=context)
+        except MlflowException as exc:
+            collided = any(word in str(exc) for word in ("IntegrityError", "UNIQUE constraint", "duplicate key"))
+            if not collided or attempt == attempts - 1:
+                raise
+            time.sleep(0.2 * (attempt + 1))
 
 
 def _applicable(config: TrainConfig, data: ImageData) -> dict:

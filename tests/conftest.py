@@ -36,6 +36,7 @@ def isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)  # promote sets it process-wide: a later test must not see an old store
     yield uri
     while mlflow.active_run():
         mlflow.end_run()

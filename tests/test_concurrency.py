@@ -36,7 +36,9 @@ def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tin
         }
         codes = {name: process.wait(timeout=900) for name, process in processes.items()}
         outputs = {name: path.read_text() for name, path in logs.items()}
-        assert codes == dict.fromkeys(processes, 0), {n: outputs[n][-2000:] for n, c in codes.items() if c}
+        errors = {n: [line[:300] for line in outputs[n].splitlines() if "Error" in line or "error:" in line][-6:]
+                  for n, code in codes.items() if code}
+        assert codes == dict.fromkeys(processes, 0), errors
         assert not any("database is locked" in text for text in outputs.values())
 
         client = mlflow.MlflowClient(server.uri)

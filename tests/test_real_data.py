@@ -26,13 +26,14 @@ def test_fashion_mnist_loads_with_its_class_names():
 
 
 def test_cifar10_jpeg_copy_trains_at_native_size_in_keras_label_order():
-    result = train(dataset="cifar10", arch="cnn_deep", epochs=1, limit=1000, data_dir=str(SHARED_DATA))
+    # 96 steps of 32: enough to leave chance behind (8 steps of 128 may not).
+    result = train(dataset="cifar10", arch="cnn_deep", epochs=3, limit=1000, batch_size=32, data_dir=str(SHARED_DATA))
     run = mlflow.get_run(result.run_id)
     assert run.data.params["num_test"] == "10000" and run.data.params["skipped_images"] == "0"
     model = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     assert model.metadata.signature.inputs.inputs[0].shape == (-1, 32, 32, 3)
     assert model.metadata.metadata["class_names"] == CIFAR10_CLASSES
-    assert result.test_accuracy > 0.15  # above chance after one epoch on 1000 images
+    assert result.test_accuracy > 0.15  # above chance: the labels are in Keras' order
 
 
 def test_imagenette_streams_from_class_folders_with_readable_names():
