@@ -19,29 +19,35 @@ password="${CNN_PG_PASSWORD:-mlflow}"
 as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
 as_postgres() { if [ "$(id -u)" = 0 ]; then su postgres -s /bin/sh -c "$1"; else sudo -u postgres sh -c "$1"; fi; }
 
-if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
-  echo "installing PostgreSQL (Debian's postgresql)" >&2
-  as_root apt-get install -y -q postgresql >/dev/null
-fi
-version=$(ls /usr/lib/postgresql | sort -n | tail -1)
-if ! pg_lsclusters -h | grep -q "^$version main"; then
-  as_root pg_createcluster "$version" main >/dev/null
-fi
-if ! pg_lsclusters -h | grep -q "^$version main .* online"; then
-  as_root pg_ctlcluster "$version" main start
-fi
-for _ in $(seq 30); do as_postgres "pg_isready -q" && break; sleep 1; done
+# PostgreSQL up, the user and database made. Its chatter (apt, pg_ctlcluster's "Removed stale pid
+# file.", psql) goes to stderr, so that `server.sh db` prints nothing but the store URI.
+start_postgres() {
+  if ! ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; then
+    echo "installing PostgreSQL (Debian's postgresql)" >&2
+    as_root apt-get install -y -q postgresql >/dev/null
+  fi
+  version=$(ls /usr/lib/postgresql | sort -n | tail -1)
+  if ! pg_lsclusters -h | grep -q "^$version main"; then
+    as_root pg_createcluster "$version" main >/dev/null
+  fi
+  if ! pg_lsclusters -h | grep -q "^$version main .* online"; then
+    as_root pg_ctlcluster "$version" main start
+  fi
+  for _ in $(seq 30); do as_postgres "pg_isready -q" && break; sleep 1; done
 
-# The user and database, once (rerunning is harmless).
-if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname = '$user'\"" | grep -q 1; then
-  as_postgres "psql -q -c \"CREATE USER \\\"$user\\\" WITH PASSWORD '$password'\""
-fi
-if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_database WHERE datname = '$db'\"" | grep -q 1; then
-  as_postgres "psql -q -c \"CREATE DATABASE \\\"$db\\\" OWNER \\\"$user\\\"\""
-fi
-if [ "${CNN_PG_CREATEDB:-0}" = 1 ]; then  # the tests make a throwaway database each
-  as_postgres "psql -q -c \"ALTER USER \\\"$user\\\" CREATEDB\""
-fi
+  # The user and database, once (rerunning is harmless).
+  if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_roles WHERE rolname = '$user'\"" | grep -q 1; then
+    as_postgres "psql -q -c \"CREATE USER \\\"$user\\\" WITH PASSWORD '$password'\""
+  fi
+  if ! as_postgres "psql -tAc \"SELECT 1 FROM pg_database WHERE datname = '$db'\"" | grep -q 1; then
+    as_postgres "psql -q -c \"CREATE DATABASE \\\"$db\\\" OWNER \\\"$user\\\"\""
+  fi
+  if [ "${CNN_PG_CREATEDB:-0}" = 1 ]; then  # the tests make a throwaway database each
+    as_postgres "psql -q -c \"ALTER USER \\\"$user\\\" CREATEDB\""
+  fi
+}
+start_postgres >&2
+
 store="postgresql://$user:$password@127.0.0.1:5432/$db"
 if [ "${1:-}" = db ]; then
   echo "$store"
