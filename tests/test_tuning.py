@@ -113,6 +113,29 @@ def test_the_tutorial_models_are_points_of_the_search_spaces():
         assert searched.count_params() == tutorial.count_params()
 
 
+def test_every_step_from_the_tutorial_sets_real_hyperparameters_to_legal_values():
+    import keras_tuner as kt
+
+    from tuning.spaces import SPACES, choose
+
+    for dataset, space in SPACES.items():
+        hp = kt.HyperParameters()
+        choose(hp, space)
+        params = {p.name: p for p in hp.space}
+        assert space.steps, dataset
+        for step in space.steps:
+            for name, value in step.items():
+                param = params[name]  # a KeyError here is a misspelt step
+                assert hp.is_active(param), (dataset, name)  # active at the tutorial's point
+                if isinstance(param, kt.engine.hyperparameters.Choice):
+                    assert value in param.values, (dataset, name, value)
+                elif isinstance(param, kt.engine.hyperparameters.Boolean):
+                    assert isinstance(value, bool), (dataset, name, value)
+                else:
+                    assert param.min_value <= value <= param.max_value, (dataset, name, value)
+                assert value != param.default, (dataset, name)  # a step changes something
+
+
 def test_imagenette_trials_never_stack_two_convs_at_full_resolution():
     import keras_tuner as kt
 

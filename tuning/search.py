@@ -30,7 +30,7 @@ from experiments.train import (
     load_data,
     train,
 )
-from tuning.spaces import STEPS_FROM_TUTORIAL, choose, get_space
+from tuning.spaces import choose, get_space
 
 TUNERS = ("hyperband", "bayesian", "random")
 OBJECTIVE = "val_accuracy"
@@ -287,11 +287,12 @@ def make_tuner(config: SearchConfig, tracker: Tracker | None):
         deadline = 0.0
 
         def _random_values(self):
-            if len(self.trials) <= len(STEPS_FROM_TUTORIAL):
+            steps = get_space(config.dataset).steps
+            if len(self.trials) <= len(steps):
                 import keras_tuner as kt
 
                 # Every hyperparameter at its (tutorial) default, but for this trial's one change.
-                step = STEPS_FROM_TUTORIAL[len(self.trials) - 1] if self.trials else {}
+                step = steps[len(self.trials) - 1] if self.trials else {}
                 hps = kt.HyperParameters()
                 for hp in self.hyperparameters.space:
                     hps.merge([hp])
