@@ -36,6 +36,7 @@ class Checkpoint:
     epoch: int  # epochs finished: training continues at this (0-based) epoch
     history: dict  # metric -> [value per finished epoch]
     folder: Path
+    config_key: str  # the settings it was trained with (see config_key())
 
     def load_model(self):
         import keras
@@ -52,7 +53,7 @@ def latest(run_folder: Path) -> Checkpoint | None:
     if not epochs:
         return None
     state = json.loads((epochs[-1] / "state.json").read_text())
-    return Checkpoint(run_folder.name, state["epoch"], state["history"], epochs[-1])
+    return Checkpoint(run_folder.name, state["epoch"], state["history"], epochs[-1], state["config_key"])
 
 
 def find(config, active_run_id: str | None, resume: bool) -> Checkpoint | None:
@@ -64,7 +65,7 @@ def find(config, active_run_id: str | None, resume: bool) -> Checkpoint | None:
     key = config_key(config)
     if active_run_id:
         checkpoint = latest(root() / active_run_id)
-        if checkpoint and _key(checkpoint) != key:
+        if checkpoint and checkpoint.config_key != key:
             raise UserError(f"run {active_run_id} has a checkpoint of different settings; rerun it with the settings "
                             f"it started with, or start a new run")
         if checkpoint is None and resume:
@@ -81,12 +82,8 @@ def find(config, active_run_id: str | None, resume: bool) -> Checkpoint | None:
     return checkpoint
 
 
-def _key(checkpoint: Checkpoint) -> str:
-    return json.loads((checkpoint.folder / "state.json").read_text())["config_key"]
-
-
 def _newest_with_key(key: str) -> Checkpoint | None:
-    found = [c for c in (latest(p) for p in root().glob("*") if p.is_dir()) if c and _key(c) == key]
+    found = [c for c in (latest(p) for p in root().glob("*") if p.is_dir()) if c and c.config_key == key]
     return max(found, key=lambda c: (c.folder / "state.json").stat().st_mtime, default=None)
 
 

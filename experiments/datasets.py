@@ -213,10 +213,20 @@ def find_local(data_dir: Path, names: tuple[str, ...]) -> Path | None:
 
 
 def cache_dir() -> Path:
-    """Where extracted archives, VGG16 features and checkpoints go; checked writable before any run starts."""
+    """Where extracted archives, VGG16 features and checkpoints go (CNN_CACHE_DIR, else ~/.cache/cnn-mlflow)."""
     root = Path(os.environ.get("CNN_CACHE_DIR") or Path.home() / ".cache" / "cnn-mlflow")
     try:
         root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise UserError(f"cannot create cache directory {root} ({exc.strerror}); "
+                        "set CNN_CACHE_DIR to a writable folder") from None
+    return root
+
+
+def check_cache_writable() -> Path:
+    """The cache directory, after proving it takes a file: called once, before any run starts."""
+    root = cache_dir()
+    try:
         tempfile.TemporaryFile(dir=root).close()
     except OSError as exc:
         raise UserError(f"cache directory {root} is not writable ({exc.strerror}); "

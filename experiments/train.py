@@ -27,6 +27,7 @@ from experiments.datasets import (
     ImageData,
     Split,
     cache_dir,
+    check_cache_writable,
     check_dataset_args,
     file_key,
     holdout,
@@ -99,7 +100,7 @@ class TrainConfig:
         except TypeError as exc:
             raise UserError(f"bad options for {self.arch} ({exc}); see the keyword arguments of its builder in "
                             "experiments/models.py") from None
-        cache_dir()  # not writable: fails here
+        check_cache_writable()
         check_dataset_args(self.dataset, self.data_dir, self.image_size, self.limit, self.test_fraction)
         if get_model_entry(self.arch).recipe.features == "vgg16":
             if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
@@ -158,11 +159,11 @@ def train(
     # A tuner trial (it passes its model) has Keras Tuner's checkpoints; a VGG16 head retrains in seconds.
     checkpointed = track and model is None and evaluate and not recipe.features
     active = mlflow.active_run()
-    run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")  # `mlflow run` sets the latter
-    checkpoint = checkpoints.find(config, run_id, resume) if checkpointed else None
+    launched_run_id = active.info.run_id if active else os.environ.get("MLFLOW_RUN_ID")  # set by `mlflow run`
+    checkpoint = checkpoints.find(config, launched_run_id, resume) if checkpointed else None
     callbacks = list(callbacks)
     with _tracking_run(config, checkpoint) if track else contextlib.nullcontext():
-        run_id = mlflow.active_run().info.run_id if track else None
+        run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
         if checkpoint:
             print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)
             mlflow.set_tag("resumed_after_epoch", checkpoint.epoch)

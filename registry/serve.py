@@ -14,22 +14,17 @@ import contextlib
 import http.client
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
+from experiments.network import free_port
+
 
 class ServerError(RuntimeError):
     """The server exited or never answered /ping; the message ends with its log."""
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 def _answers_ping(port: int) -> bool:

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from registry.serve import ServerError, free_port, serving  # noqa: F401 - free_port is for the tests
+from experiments.network import free_port  # noqa: F401 - for the tests
+from registry.serve import ServerError, serving
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CNN_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")

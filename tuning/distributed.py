@@ -23,17 +23,11 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
 import subprocess
 import sys
 
 from experiments.errors import UserError
-
-
-def free_port(host: str) -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
+from experiments.network import free_port
 
 
 def launch(workers: int, search_args: list[str], host: str = "127.0.0.1", port: int = 0) -> int:
