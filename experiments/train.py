@@ -81,6 +81,9 @@ class TrainConfig:
     validation_fraction: float = 0.0
     options: dict = dataclasses.field(default_factory=dict)  # the architecture builder's keyword arguments
     recipe: dict = dataclasses.field(default_factory=dict)  # changes to the architecture's training recipe
+    # TensorFlow op determinism: the same config and data give bit-identical runs on the same machine.
+    # Process-wide and irreversible: once on, every later training in the process has it too.
+    deterministic: bool = False
 
     def validate(self) -> None:
         """Bad input fails here, with one line, before any data is read or any run is created."""
@@ -181,6 +184,10 @@ def train(
             # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
             # Keras also seeds from: so tracking on or off gives the same weights.
             keras.utils.set_random_seed(config.seed)
+            if config.deterministic:  # after the seed, as TensorFlow documents; no way to switch it off again
+                import tensorflow as tf
+
+                tf.config.experimental.enable_op_determinism()
             if recipe.features == "vgg16":
                 model, history, probabilities = _fit_vgg16_head(config, data, spec, recipe)
             else:
@@ -306,7 +313,9 @@ def _log_run_metadata(config: TrainConfig, data: ImageData, recipe: Recipe, spli
         "num_test": len(data.test),
     }
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
-    mlflow.log_dict({**params, "class_names": data.class_names}, "config.json")
+    # train_config: the TrainConfig exactly as given, from which `experiments.reproduce` reruns the run.
+    mlflow.log_dict({**params, "class_names": data.class_names, "train_config": dataclasses.asdict(config)},
+                    "config.json")
     schema = Schema([TensorSpec(np.dtype(np.uint8), (-1, *data.image_shape), "image")])
     for split, context in splits:
         dataset = MetaDataset(
@@ -347,6 +356,7 @@ def _applicable(config: TrainConfig, data: ImageData) -> dict:
         del params["weights"]
     if data.info.get("test_split") != "seeded_stratified":
         del params["test_fraction"]
+    params["deterministic"] = str(config.deterministic).lower()  # as `mlflow run` logs the MLproject's "false"
     return params
 
 
@@ -372,13 +382,14 @@ def _provenance() -> dict:
         "keras_version": keras.__version__,
         "mlflow_version": mlflow.__version__,
         "numpy_version": np.__version__,
+        "platform": platform.platform(),  # bit-exact results also depend on the CPU and OS
     }
     try:
         commit = _git("rev-parse", "HEAD")
         tags["git_commit"] = commit
         tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
     except (OSError, subprocess.CalledProcessError):
-        tags["git_commit"] = "unknown"
+        tags["git_commit"] = tags["git_dirty"] = "unknown"
     return tags
 
 

@@ -149,3 +149,19 @@ def test_vgg16_features_second_run_reads_the_cache(image_tree):
     (run,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
                                 filter_string="tags.benchmark = 'vgg16_features'")
     assert run.data.tags["feature_cache"] == "hit"  # the second call found the features on disk
+
+
+def test_determinism_times_off_and_on_alternating_each_in_its_own_process(tiny_cifar, tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    report.write_text("# Benchmarks\n\n<!-- benchmark:determinism -->\nNot run yet.\n<!-- /benchmark:determinism -->\n")
+    rows = harness.run("determinism", {"arch": "cnn_simple", "epochs": 1, "repeats": 2, "batch_size": 32,
+                                       "data_dir": str(tiny_cifar)}, report)
+
+    assert [r["deterministic"] for r in rows] == ["off", "on"]
+    assert rows[0]["ratio_to_off"] == 1.0 and rows[1]["ratio_to_off"] > 0
+    assert all(len(r["seconds"].split(", ")) == 2 and 0 < r["min_s"] <= r["median_s"] <= r["max_s"] for r in rows)
+    assert rows[1]["identical_results"] == "yes"  # deterministic: the two repeats agree to the last bit
+    (run,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                filter_string="tags.benchmark = 'determinism'")
+    assert run.data.metrics["on_ratio_to_off"] == pytest.approx(rows[1]["ratio_to_off"])
+    assert "| deterministic | median_s |" in report.read_text() and "Not run yet." not in report.read_text()

@@ -15,6 +15,7 @@ from test_train import artifact_paths
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
 REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment"}, "rollback": {"model_name"}}
+OTHER_ENTRY_POINTS = {"reproduce": {"run_id"}, "report": {"output_dir"}}
 TUNE_PARAMS = {"tuner", "max_trials", "max_epochs", "executions_per_trial", "time_budget_minutes", "search_name",
                "limit", "seed", "data_dir"}
 COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit"}
@@ -26,8 +27,8 @@ def mlproject() -> dict:
 
 def test_entry_points_and_typed_parameters():
     entries = mlproject()["entry_points"]
-    assert list(entries) == ENTRY_POINTS + TUNE_ENTRY_POINTS + list(REGISTRY_ENTRY_POINTS)
-    for name, params in REGISTRY_ENTRY_POINTS.items():
+    assert list(entries) == ENTRY_POINTS + TUNE_ENTRY_POINTS + list(REGISTRY_ENTRY_POINTS) + list(OTHER_ENTRY_POINTS)
+    for name, params in {**REGISTRY_ENTRY_POINTS, **OTHER_ENTRY_POINTS}.items():
         assert set(entries[name]["parameters"]) == params
         assert set(re.findall(r"{(\w+)}", entries[name]["command"])) == params
     for name in TUNE_ENTRY_POINTS:
@@ -43,11 +44,13 @@ def test_entry_points_and_typed_parameters():
         assert params["epochs"]["type"] == params["limit"]["type"] == params["batch_size"]["type"] == "int"
         assert params["learning_rate"]["type"] == "float"
         assert params["data_dir"]["default"] == ""
+        assert params["deterministic"] == {"type": "string", "default": "false"}
         assert entry["command"].startswith("python -m experiments.train --dataset " + name)
         # every declared parameter reaches the command
         assert set(re.findall(r"{(\w+)}", entry["command"])) == set(params), name
     for name in ("imagenette", "imagewoof", "caltech101", "folder"):
         assert {"image_size", "weights"} <= set(entries[name]["parameters"])
+    assert "default" not in entries["reproduce"]["parameters"]["run_id"]  # required
     # Defaults reproduce the tutorial.
     assert entries["cifar10"]["parameters"]["arch"]["default"] == "cnn_deep"
     assert entries["cifar10"]["parameters"]["epochs"]["default"] == 10
