@@ -1,4 +1,5 @@
-"""Three tuner workers and two training runs at once against one `mlflow server`: nothing lost, no locks."""
+"""Three tuner workers and two training runs at once against one `mlflow server`, then a promotion:
+nothing lost, no locks, and the champion served from the server's proxied artifact store."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import subprocess
 import sys
 
 import mlflow
+import numpy as np
 import pytest
 from conftest import PROJECT_ROOT, TrackingServer, python_env
 
@@ -41,7 +43,7 @@ def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tin
         assert codes == dict.fromkeys(processes, 0), errors
         assert not any("database is locked" in text for text in outputs.values())
 
-        client = mlflow.MlflowClient(server.uri)
+        client = mlflow.MlflowClient(server.uri, registry_uri=server.uri)
         runs = client.search_runs([e.experiment_id for e in client.search_experiments()], max_results=1000)
         trials = [r for r in runs if r.data.tags.get("search_role") == "trial"]
         assert sorted(r.data.tags["trial_id"] for r in trials) == [str(n) for n in range(6)]  # each exactly once
@@ -52,5 +54,22 @@ def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tin
         for run in trained:
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "accuracy")) == list(range(EPOCHS))
         assert all(r.info.status == "FINISHED" for r in runs)
+
+        # The registry on the same server: the best of the trainings and the search's retrained best.
+        promoted = subprocess.run([sys.executable, "-m", "registry.promote", "--dataset", "cifar10"], cwd=PROJECT_ROOT,
+                                  env=env, capture_output=True, text=True, timeout=600)
+        assert promoted.returncode == 0, promoted.stderr[-2000:]
+        candidates = trained + [r for r in runs if r.data.tags.get("best") == "true"]
+        assert len(candidates) == 3
+        champion = client.get_model_version_by_alias("cifar10", "champion")
+        best = max(candidates, key=lambda r: (r.data.metrics["test_accuracy"], r.info.start_time))
+        assert float(champion.tags["test_accuracy"]) == pytest.approx(best.data.metrics["test_accuracy"])
+        assert champion.tags["source_run"] in {r.info.run_id for r in candidates
+                                               if r.data.metrics["test_accuracy"] == best.data.metrics["test_accuracy"]}
+        mlflow.set_tracking_uri(server.uri)
+        mlflow.set_registry_uri(server.uri)
+        served = mlflow.pyfunc.load_model("models:/cifar10@champion")  # through the server's artifact proxy
+        records = served.predict(np.zeros((2, 32, 32, 3), np.uint8))
+        assert len(records) == 2 and {"label", "confidence"} <= set(records[0])
     finally:
         server.stop()

@@ -15,7 +15,9 @@ from test_train import artifact_paths
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
 REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment"}, "rollback": {"model_name"}}
-OTHER_ENTRY_POINTS = {"reproduce": {"run_id"}, "report": {"output_dir"}}
+OTHER_ENTRY_POINTS = {"reproduce": {"run_id"}, "report": {"output_dir"},
+                      "main": {"data_dir", "epochs", "limit", "trials", "seed", "datasets", "vgg16_weights",
+                               "output_dir"}}
 TUNE_PARAMS = {"tuner", "max_trials", "max_epochs", "executions_per_trial", "time_budget_minutes", "search_name",
                "limit", "seed", "data_dir"}
 COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit"}

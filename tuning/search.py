@@ -212,7 +212,10 @@ def resolve_parent(config: SearchConfig, wait_seconds: float = 0) -> tuple[str, 
     else:
         parent = client.create_run(_experiment_ids(client, config)[0], run_name=config.search_name).info.run_id
     tags = {"search_name": config.search_name, "search_role": "parent", "dataset": config.dataset,
-            "tuner": config.tuner, "mlflow.runName": config.search_name}
+            "tuner": config.tuner, "mlflow.runName": config.search_name,
+            "mlflow.note.content": f"Keras Tuner `{config.tuner}` search of the `convnet` family on `{config.dataset}`: "
+                                   f"trial 0 is the tutorial's `{get_space(config.dataset).tutorial_arch}`, each "
+                                   "trial is a child run, and the best is retrained as the child tagged best=true."}
     for key, value in tags.items():
         client.set_tag(parent, key, value)
     return parent, not launcher
