@@ -38,6 +38,9 @@ def isolated_tracking(tmp_path, monkeypatch):
     monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)
     mlflow.set_tracking_uri(uri)
     mlflow.set_registry_uri(uri)  # promote sets it process-wide: a later test must not see an old store
+    # set_experiment (train() calls it outside `mlflow run`) also sets a module global: a later test's
+    # fresh store has no such experiment.
+    monkeypatch.setattr(mlflow.tracking.fluent, "_active_experiment_id", None)
     yield uri
     while mlflow.active_run():
         mlflow.end_run()
