@@ -16,10 +16,10 @@ import time
 from pathlib import Path
 
 from experiments.errors import UserError
+from registry.promote import NOT_CANDIDATES  # tuning runs that hold no test-scored model
 
 REPORT_NAME = "tutorial_vs_ours"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # what `make ui` serves
-NOT_CANDIDATES = {"trial", "parent", "resume"}  # tuning runs that hold no test-scored model
 
 
 @dataclasses.dataclass
