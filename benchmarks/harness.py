@@ -146,7 +146,7 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
     """Run one benchmark tracked in MLflow; print its table; write it into `benchmarks_md` (None: do not)."""
     import mlflow
 
-    from experiments.train import default_tracking_uri
+    from experiments.tracking import default_tracking_uri
 
     bench = get_benchmark(name)
     options = {**options_of(bench), **(options or {})}

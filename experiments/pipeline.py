@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import subprocess
 import sys
 import time
@@ -21,10 +20,8 @@ from pathlib import Path
 
 from experiments.cli import boolean
 from experiments.errors import UserError
+from experiments.tutorial import TUTORIAL_DATASETS, TUTORIAL_EXPERIMENTS
 
-# The tutorial's experiments, in its order (experiments.train.TUTORIAL_FIGURES has their figures).
-TUTORIAL = [("mnist", "mlp"), ("mnist", "cnn_simple"), ("cifar10", "cnn_simple"), ("cifar10", "cnn_deep"),
-            ("imagenette", "cnn_basic"), ("imagenette", "vgg16_head")]
 # Where Keras keeps the ImageNet VGG16 weights once downloaded.
 VGG16_CACHE = Path.home() / ".keras" / "models" / "vgg16_weights_tf_dim_ordering_tf_kernels_notop.h5"
 
@@ -34,7 +31,7 @@ def steps(args) -> list[tuple[str, list[str]]]:
     data = ["--data-dir", args.data_dir] if args.data_dir else []
     datasets = [d for d in args.datasets.split(",") if d]
     plan = []
-    for dataset, arch in TUTORIAL:
+    for dataset, arch in TUTORIAL_EXPERIMENTS:
         if dataset not in datasets:
             continue
         title = f"train {dataset} / {arch}: {args.epochs} epochs" + (f" on {args.limit:,} images" if args.limit else "")
@@ -53,7 +50,7 @@ def steps(args) -> list[tuple[str, list[str]]]:
                      ["tuning.search", "--dataset", args.search_dataset, "--tuner", "random",
                       "--max-trials", str(args.trials), "--max-epochs", str(args.epochs), "--limit", str(args.limit),
                       "--seed", str(args.seed), "--search-name", f"main-{args.run_id[:8]}", *data]))
-    for dataset in dict.fromkeys(d for d, _ in TUTORIAL if d in datasets):
+    for dataset in (d for d in TUTORIAL_DATASETS if d in datasets):
         plan.append((f"promote {dataset}", ["registry.promote", "--dataset", dataset]))
     plan.append(("report", ["experiments.report", "--output-dir", args.output_dir]))
     return plan
@@ -78,19 +75,28 @@ def run_step(client, parent, number: int, total: int, title: str, argv: list[str
     status = "FINISHED" if code == 0 else "FAILED"
     if client.get_run(child.info.run_id).info.status == "RUNNING":  # train ends its run; the others do not
         client.set_terminated(child.info.run_id, status)
-    output = "".join(lines)
-    figures = re.findall(r"test_accuracy=([0-9.]+)", output)
     errors = [line.strip() for line in lines if line.startswith("error:")]
-    result = f"test_accuracy={figures[-1]}" if figures else (errors[-1] if errors else "")
+    result = test_accuracy(client, child.info.run_id) or (errors[-1] if errors else "")
     print(f"=== [{number}/{total}] {'done' if code == 0 else 'FAILED'} in {seconds:.0f} s {result}", flush=True)
     return {"step": title, "status": status, "seconds": round(seconds, 1), "result": result,
             "run_id": child.info.run_id}
 
 
+def test_accuracy(client, run_id: str) -> str:
+    """The step's test accuracy: a training's own, or a search's retrained best (its child tagged best=true)."""
+    run = client.get_run(run_id)
+    if "test_accuracy" not in run.data.metrics:
+        best = client.search_runs([run.info.experiment_id],
+                                  f"tags.mlflow.parentRunId = '{run_id}' and tags.best = 'true'", max_results=1)
+        run = best[0] if best else run
+    figure = run.data.metrics.get("test_accuracy")
+    return f"test_accuracy={figure:.4f}" if figure is not None else ""
+
+
 def run(args) -> list[dict]:
     import mlflow
 
-    from experiments.train import check_tracking_server, default_tracking_uri
+    from experiments.tracking import check_tracking_server, default_tracking_uri
 
     uri = check_tracking_server()
     mlflow.set_tracking_uri(uri)
@@ -134,10 +140,10 @@ def parse_args(argv=None):
     parser.add_argument("--output-dir", default="reports", help="where the report goes")
     parser.add_argument("--dry-run", type=boolean, default=False, nargs="?", const=True, help="print the plan only")
     args = parser.parse_args(argv)
-    unknown = set(args.datasets.split(",")) - {d for d, _ in TUTORIAL} - {""}
+    unknown = set(args.datasets.split(",")) - set(TUTORIAL_DATASETS) - {""}
     if unknown:
         raise UserError(f"unknown datasets {', '.join(sorted(unknown))}; the tutorial's are "
-                        f"{', '.join(dict.fromkeys(d for d, _ in TUTORIAL))}")
+                        f"{', '.join(TUTORIAL_DATASETS)}")
     for name in ("epochs", "limit", "trials", "seed"):
         if getattr(args, name) < (1 if name == "epochs" else 0):
             raise UserError(f"{name} must be {'positive' if name == 'epochs' else '0 or more'}, got {getattr(args, name)}")

@@ -132,7 +132,8 @@ def report(output_dir: str | Path = "reports", ui_url: str = "") -> tuple[Path, 
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from experiments.train import TUTORIAL_FIGURES, check_tracking_server, default_tracking_uri
+    from experiments.tracking import check_tracking_server, default_tracking_uri
+    from experiments.tutorial import TUTORIAL_FIGURES
 
     if ui_url and not ui_url.startswith(("http://", "https://")):
         raise UserError(f"ui_url must start with http:// or https://, got {ui_url!r}")

@@ -55,18 +55,14 @@ def _typed_fields(config, flat: dict) -> dict:
 
 
 def _code_warning(run) -> str:
-    from experiments.train import _git
+    from experiments.tracking import git_state
 
-    try:
-        here = _git("rev-parse", "HEAD")
-        dirty_here = bool(_git("status", "--porcelain", "--untracked-files=no"))
-    except Exception:  # noqa: BLE001 - no git: nothing to compare
-        here, dirty_here = "unknown", False
+    here = git_state()
     trained_at = run.data.tags.get("git_commit", "unknown")
     reasons = []
-    if here != trained_at:
-        reasons.append(f"this checkout is at {here[:10]}, the run was trained at {trained_at[:10]}")
-    if dirty_here:
+    if here["git_commit"] != trained_at:
+        reasons.append(f"this checkout is at {here['git_commit'][:10]}, the run was trained at {trained_at[:10]}")
+    if here["git_dirty"] == "true":
         reasons.append("this checkout has uncommitted changes")
     if run.data.tags.get("git_dirty") == "true":
         reasons.append("the run was trained with uncommitted changes")

@@ -38,6 +38,8 @@ from experiments.datasets import (
 from experiments import checkpoints
 from experiments.cli import add_config_flags, boolean
 from experiments.errors import UserError
+from experiments.tracking import check_tracking_server, default_tracking_uri, git_state
+from experiments.tutorial import TUTORIAL_FIGURES
 from experiments.models import (
     DataSpec,
     Recipe,
@@ -49,19 +51,7 @@ from experiments.models import (
     vgg16_head_layers,
 )
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 WHITENING_SAMPLE = 5000  # training images a patch-whitening layer is fitted on
-
-# The tutorial's figures, shown in each run's description so the UI compares at a glance.
-TUTORIAL_FIGURES = {
-    ("mnist", "mlp"): "about 97%",
-    ("mnist", "cnn_simple"): "98%+",
-    ("cifar10", "cnn_simple"): "about 60%",
-    ("cifar10", "cnn_deep"): "78-80%",
-    ("imagenette", "cnn_basic"): "40-50%",
-    ("imagenette", "vgg16_head"): "94%+",
-}
-
 
 @dataclasses.dataclass
 class TrainConfig:
@@ -237,31 +227,6 @@ def load_data(config: TrainConfig) -> ImageData:
 # --- Tracking ------------------------------------------------------------------------------------
 
 
-def default_tracking_uri() -> str:
-    """The embedded store in the project root, unless MLFLOW_TRACKING_URI says otherwise."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
-
-
-def check_tracking_server(uri: str = "") -> str:
-    """A tracking server must answer before data is read or a run is created: MLflow itself would retry
-    for about 4 minutes, then end in a traceback."""
-    import urllib.error
-    import urllib.request
-
-    uri = uri or default_tracking_uri()
-    if uri.startswith(("http://", "https://")):
-        try:
-            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
-        except urllib.error.HTTPError:
-            pass  # it answered (401 behind basic auth, say): reachable
-        except OSError as exc:
-            reason = getattr(exc, "reason", exc)
-            reason = getattr(reason, "strerror", None) or reason
-            raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, "
-                            "or unset MLFLOW_TRACKING_URI to use ./mlflow.db") from None
-    return uri
-
-
 def _tracking_run(config: TrainConfig, checkpoint=None):
     import mlflow
 
@@ -384,18 +349,7 @@ def _provenance() -> dict:
         "numpy_version": np.__version__,
         "platform": platform.platform(),  # bit-exact results also depend on the CPU and OS
     }
-    try:
-        commit = _git("rev-parse", "HEAD")
-        tags["git_commit"] = commit
-        tags["git_dirty"] = str(bool(_git("status", "--porcelain", "--untracked-files=no"))).lower()
-    except (OSError, subprocess.CalledProcessError):
-        tags["git_commit"] = tags["git_dirty"] = "unknown"
-    return tags
-
-
-def _git(*args: str) -> str:
-    out = subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True, check=True)
-    return out.stdout.strip()
+    return {**tags, **git_state()}
 
 
 # --- Fitting -------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ which the scoring server turns into HTTP 400 with the message, and keeps serving
 
 Caps (model config, overridable at serving time by environment variables):
 `max_batch` (CNN_SERVE_MAX_BATCH) images per request, `max_image_pixels`
-(CNN_SERVE_MAX_IMAGE_PIXELS) per encoded image, checked before decoding (decompression bombs).
+(CNN_SERVE_MAX_IMAGE_PIXELS) per encoded image, checked before decoding (decompression bombs), and
+under `mlflow models serve` `max_request_bytes` (CNN_SERVE_MAX_REQUEST_BYTES) per request body,
+checked before the body is kept or parsed (HTTP 413).
 """
 
 import base64
@@ -33,11 +35,53 @@ from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 DEFAULT_MAX_BATCH = 256
 DEFAULT_MAX_IMAGE_PIXELS = 4096 * 4096
+DEFAULT_MAX_REQUEST_BYTES = 64 * 1024 * 1024  # 256 pixel-JSON images of 160x160x3 fit in about 80% of it
+SERVER_MODEL_PATH_ENV = "__pyfunc_model_path__"  # set by `mlflow models serve` for its uvicorn workers
 
 
 class BadInput(MlflowException):
     def __init__(self, message: str):
         super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+
+class RequestTooLarge(MlflowException):
+    def __init__(self, message: str):
+        super().__init__(message, error_code=INVALID_PARAMETER_VALUE)
+
+    def get_http_status_code(self) -> int:
+        return 413  # Payload Too Large
+
+
+def cap_request_bodies(max_bytes: int) -> None:
+    """Refuse request bodies over `max_bytes` with HTTP 413, never holding more than that in memory.
+
+    MLflow's scoring server reads and JSON-parses the whole body before the model sees it, so the
+    batch and pixel caps would come too late for a body of gigabytes. Its endpoint turns an
+    MlflowException into a JSON answer with the exception's status. An oversized body is still read
+    to its end (and dropped) so the client gets the answer, not a reset connection; the server's
+    request timeout bounds that.
+    """
+    from starlette.requests import Request
+
+    async def body(self) -> bytes:
+        if not hasattr(self, "_body"):
+            declared = self.headers.get("content-length", "")
+            chunks, size = [], 0
+            too_large = declared.isdigit() and int(declared) > max_bytes
+            async for chunk in self.stream():
+                size += len(chunk)
+                too_large = too_large or size > max_bytes
+                if not too_large:
+                    chunks.append(chunk)
+            if too_large:
+                raise RequestTooLarge(
+                    f"request body of {size:,} bytes is over the cap of {max_bytes:,}; send fewer images per "
+                    "request, encoded images (base64 PNG/JPEG) instead of pixel lists, or raise "
+                    "CNN_SERVE_MAX_REQUEST_BYTES")
+            self._body = b"".join(chunks)
+        return self._body
+
+    Request.body = body
 
 
 def set_nodelay_on_every_tcp_socket() -> None:
@@ -73,7 +117,10 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
         self.max_image_pixels = int(
             os.environ.get("CNN_SERVE_MAX_IMAGE_PIXELS") or config.get("max_image_pixels", DEFAULT_MAX_IMAGE_PIXELS)
         )
-        set_nodelay_on_every_tcp_socket()
+        if os.environ.get(SERVER_MODEL_PATH_ENV):  # in the scoring server, not in a user's own process
+            set_nodelay_on_every_tcp_socket()
+            cap_request_bodies(int(os.environ.get("CNN_SERVE_MAX_REQUEST_BYTES")
+                                   or config.get("max_request_bytes", DEFAULT_MAX_REQUEST_BYTES)))
         self.model = keras.saving.load_model(context.artifacts["keras_model"], compile=False, safe_mode=True)
         # One traced graph for every batch size: Keras predict() per request costs milliseconds of setup.
         self._forward = tf.function(

@@ -51,7 +51,7 @@ def predict_files(files: list[Path], url: str = "", model: str = "", batch_size:
 def _load(model: str):
     import mlflow
 
-    from experiments.train import default_tracking_uri
+    from experiments.tracking import default_tracking_uri
 
     mlflow.set_tracking_uri(default_tracking_uri())
     try:

@@ -180,7 +180,7 @@ def rollback(name: str, dry_run: bool = False, client=None) -> Decision:
 def _client():
     import mlflow
 
-    from experiments.train import check_tracking_server, default_tracking_uri
+    from experiments.tracking import check_tracking_server, default_tracking_uri
 
     check_tracking_server()
     mlflow.set_tracking_uri(default_tracking_uri())

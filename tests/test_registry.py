@@ -186,6 +186,15 @@ def check_serving(url: str, name: str, images: np.ndarray, tmp_path) -> None:
         assert fragment in body["message"], (case, body["message"][-300:])
     status, body = post(url, None, raw=b"{not json")
     assert status == 400 and "valid JSON" in body["message"]
+    # Over the body cap (200,000 bytes here): 413 before the JSON is parsed, whether the size is declared
+    # up front (Content-Length) or only found while reading (chunked).
+    oversized = json.dumps({"inputs": np.zeros((30, *images.shape[1:]), np.uint8).tolist()}).encode()
+    assert len(oversized) > 200_000
+    for raw in (oversized, iter([oversized[:100_000], oversized[100_000:]])):
+        status, body = post(url, None, raw=raw)
+        assert status == 413, body
+        assert body["message"].startswith(f"request body of {len(oversized):,} bytes is over the cap of 200,000")
+        assert "CNN_SERVE_MAX_REQUEST_BYTES" in body["message"]
     # A 16-bit greyscale PNG (mode I;16) is scaled to 8 bits as training's decoder does, not clipped white.
     wide = (images[0].mean(axis=2).astype(np.uint16) * 257)
     buffer = io.BytesIO()
@@ -234,7 +243,7 @@ def test_champion_is_served_over_http_in_both_forms_and_rejects_bad_input(tiny_c
     registry.promote("cifar10")
     images = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
     with served("models:/cifar10@champion", MLFLOW_TRACKING_URI=isolated_tracking,
-                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000") as url:
+                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000", CNN_SERVE_MAX_REQUEST_BYTES="200000") as url:
         check_serving(url, "cifar10", images, tmp_path)
 
         # The README's curl lines, as a user would paste them.
@@ -255,7 +264,7 @@ def test_vgg16_head_is_promoted_under_its_own_name_and_served(tiny_cifar, tmp_pa
     assert (decision.name, decision.action, decision.run_id) == ("cifar10-vgg16", "champion", run_id)
     images = np.random.default_rng(1).integers(0, 255, size=(2, 32, 32, 3), dtype=np.uint8)
     with served("models:/cifar10-vgg16@champion", MLFLOW_TRACKING_URI=isolated_tracking,
-                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000") as url:
+                CNN_SERVE_MAX_BATCH="8", CNN_SERVE_MAX_IMAGE_PIXELS="5000", CNN_SERVE_MAX_REQUEST_BYTES="200000") as url:
         check_serving(url, "cifar10-vgg16", images, tmp_path)
 
 

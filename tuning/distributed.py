@@ -34,7 +34,7 @@ def launch(workers: int, search_args: list[str], host: str = "127.0.0.1", port: 
     """Start the chief and `workers` workers; wait for all; return the worst exit code."""
     import mlflow
 
-    from experiments.train import default_tracking_uri
+    from experiments.tracking import default_tracking_uri
     from tuning.search import PARENT_RUN_ENV, check_search_state, parse_args, resolve_parent
 
     if workers < 1:

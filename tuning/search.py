@@ -22,14 +22,8 @@ from pathlib import Path
 
 from experiments.cli import add_config_flags
 from experiments.errors import UserError
-from experiments.train import (
-    PROJECT_ROOT,
-    TrainConfig,
-    check_tracking_server,
-    default_tracking_uri,
-    load_data,
-    train,
-)
+from experiments.tracking import PROJECT_ROOT, check_tracking_server, default_tracking_uri
+from experiments.train import TrainConfig, load_data, train
 from tuning.spaces import choose, get_space
 
 TUNERS = ("hyperband", "bayesian", "random")

@@ -1,0 +1,49 @@
+"""Where runs go, and which code made them: light helpers (no Keras) for every command's start-up."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+from pathlib import Path
+
+from experiments.errors import UserError
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+def default_tracking_uri() -> str:
+    """The embedded store in the project root, unless MLFLOW_TRACKING_URI says otherwise."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def check_tracking_server(uri: str = "") -> str:
+    """A tracking server must answer before data is read or a run is created: MLflow itself would retry
+    for about 4 minutes, then end in a traceback."""
+    import urllib.error
+    import urllib.request
+
+    uri = uri or default_tracking_uri()
+    if uri.startswith(("http://", "https://")):
+        try:
+            urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=10).close()
+        except urllib.error.HTTPError:
+            pass  # it answered (401 behind basic auth, say): reachable
+        except OSError as exc:
+            reason = getattr(exc, "reason", exc)
+            reason = getattr(reason, "strerror", None) or reason
+            raise UserError(f"tracking server {uri} is unreachable ({reason}); start it, "
+                            "or unset MLFLOW_TRACKING_URI to use ./mlflow.db") from None
+    return uri
+
+
+def git_state() -> dict:
+    """The checkout's `git_commit` and `git_dirty` (tracked files changed), "unknown" without git."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=PROJECT_ROOT, capture_output=True, text=True,
+                              check=True).stdout.strip()
+
+    try:
+        return {"git_commit": git("rev-parse", "HEAD"),
+                "git_dirty": str(bool(git("status", "--porcelain", "--untracked-files=no"))).lower()}
+    except (OSError, subprocess.CalledProcessError):
+        return {"git_commit": "unknown", "git_dirty": "unknown"}
