@@ -96,12 +96,12 @@ def test_accuracy(client, run_id: str) -> str:
 def run(args) -> list[dict]:
     import mlflow
 
-    from experiments.tracking import check_tracking_server, default_tracking_uri
+    from experiments.tracking import check_tracking_server, default_tracking_uri, use_experiment
 
     uri = check_tracking_server()
     mlflow.set_tracking_uri(uri)
     if not os.environ.get("MLFLOW_RUN_ID"):  # outside `mlflow run`, which owns the experiment
-        mlflow.set_experiment("tutorial")
+        use_experiment("tutorial")
     client = mlflow.MlflowClient()
     started = time.perf_counter()
     with mlflow.start_run() as parent:

@@ -36,6 +36,22 @@ def check_tracking_server(uri: str = "") -> str:
     return uri
 
 
+def use_experiment(name: str) -> str:
+    """`mlflow.set_experiment(name)` that survives a race: when several workers start at once, each may
+    find no experiment and try to create it; the losers get RESOURCE_ALREADY_EXISTS and take the winner's."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    experiment = mlflow.get_experiment_by_name(name)
+    if experiment is None:
+        try:
+            mlflow.create_experiment(name)
+        except MlflowException as exc:
+            if exc.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+    return mlflow.set_experiment(name).experiment_id
+
+
 def git_state() -> dict:
     """The checkout's `git_commit` and `git_dirty` (tracked files changed), "unknown" without git."""
     def git(*args: str) -> str:

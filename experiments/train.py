@@ -38,7 +38,7 @@ from experiments.datasets import (
 from experiments import checkpoints
 from experiments.cli import add_config_flags, boolean
 from experiments.errors import UserError
-from experiments.tracking import check_tracking_server, default_tracking_uri, git_state
+from experiments.tracking import check_tracking_server, default_tracking_uri, git_state, use_experiment
 from experiments.tutorial import TUTORIAL_FIGURES
 from experiments.models import (
     DataSpec,
@@ -236,7 +236,7 @@ def _tracking_run(config: TrainConfig, checkpoint=None):
     if checkpoint:
         return mlflow.start_run(run_id=checkpoint.run_id)
     if not os.environ.get("MLFLOW_RUN_ID"):  # `mlflow run` owns the experiment; otherwise one per dataset
-        mlflow.set_experiment(config.dataset)
+        use_experiment(config.dataset)
     return mlflow.start_run()
 
 

@@ -73,3 +73,23 @@ def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tin
         assert len(records) == 2 and {"label", "confidence"} <= set(records[0])
     finally:
         server.stop()
+
+
+def test_a_worker_that_loses_the_race_to_create_the_experiment_joins_it(tmp_path, monkeypatch):
+    """Two workers both find no experiment; the second one's create fails on the unique name. It must
+    take the first one's experiment, not die (this failed on PostgreSQL in CI)."""
+    from experiments.tracking import use_experiment
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    lookup = mlflow.get_experiment_by_name
+
+    def other_worker_wins(name):  # this worker looks first and finds nothing; the other creates it now
+        monkeypatch.setattr(mlflow, "get_experiment_by_name", lookup)
+        winner = mlflow.MlflowClient(uri).create_experiment(name)
+        other_worker_wins.winner = winner
+        return None
+
+    monkeypatch.setattr(mlflow, "get_experiment_by_name", other_worker_wins)
+    assert use_experiment("cifar10") == other_worker_wins.winner
+    assert [e.name for e in mlflow.MlflowClient(uri).search_experiments()] == ["cifar10", "Default"]

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from experiments.cli import add_config_flags
 from experiments.errors import UserError
-from experiments.tracking import PROJECT_ROOT, check_tracking_server, default_tracking_uri
+from experiments.tracking import PROJECT_ROOT, check_tracking_server, default_tracking_uri, use_experiment
 from experiments.train import TrainConfig, load_data, train
 from tuning.spaces import choose, get_space
 
@@ -217,14 +217,11 @@ def resolve_parent(config: SearchConfig, wait_seconds: float = 0) -> tuple[str, 
 
 def _experiment_ids(client, config: SearchConfig) -> list[str]:
     """`mlflow run`'s experiment, else one named after the dataset (as for training runs)."""
-    import mlflow
-
     if os.environ.get("MLFLOW_EXPERIMENT_ID"):
         return [os.environ["MLFLOW_EXPERIMENT_ID"]]
     if os.environ.get("MLFLOW_RUN_ID"):
         return [client.get_run(os.environ["MLFLOW_RUN_ID"]).info.experiment_id]
-    experiment = mlflow.get_experiment_by_name(config.dataset)
-    return [experiment.experiment_id if experiment else mlflow.create_experiment(config.dataset)]
+    return [use_experiment(config.dataset)]
 
 
 # --- Keras Tuner -----------------------------------------------------------------------------------
