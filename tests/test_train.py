@@ -197,12 +197,14 @@ def test_airbench_trains_through_train_with_its_recipe(tmp_path):
     from conftest import make_npz
 
     make_npz(tmp_path / "cifar10.npz", n_train=96, n_test=32, shape=(32, 32, 3), classes=3)
-    result = train(dataset="cifar10", arch="airbench", epochs=2, batch_size=32, data_dir=str(tmp_path),
+    # Batch 16: 12 steps, so that the weight average (0.99 a step) has moved off the first step's weights
+    # (at batch 32, 6 steps, it had not, and accuracy hovered at chance on one CI machine).
+    result = train(dataset="cifar10", arch="airbench", epochs=2, batch_size=16, data_dir=str(tmp_path),
                    options={"widths": [16, 32, 32]})
     params = mlflow.get_run(result.run_id).data.params
     assert (params["recipe.optimizer"], params["recipe.learning_rate"], params["recipe.ema"]) == ("sgd", "0.125", "0.99")
     assert params["learning_rate"] == "0.0" and params["options.widths"] == "[16, 32, 32]"
-    assert result.test_accuracy > 0.5  # three brightness classes: learnable in two epochs
+    assert result.test_accuracy > 0.8  # three brightness classes: learnable in two epochs (1.0 on 4 seeds)
     loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     batch = np.load(tmp_path / "cifar10.npz")["x_test"][:4]
     np.testing.assert_allclose(np.asarray(loaded.predict(batch)), result.model.predict(batch, verbose=0), atol=1e-5)
