@@ -17,7 +17,9 @@ RECIPES = {
     "cifar10_airbench_3min": (dict(dataset="cifar10", arch="airbench", epochs=5, options={"widths": [32, 64, 128]}),
                               0.80, 3),
     "mnist_airbench": (dict(dataset="mnist", arch="airbench", epochs=5, options={"widths": [32, 64, 128]}), 0.995, 2),
-    "fashion_mnist_airbench": (dict(dataset="fashion_mnist", arch="airbench", epochs=9), 0.94, 10),
+    # Full width reached 94.29% in 9 epochs but took 699 s: narrower, for more epochs in the budget.
+    "fashion_mnist_airbench": (dict(dataset="fashion_mnist", arch="airbench", epochs=13,
+                                    options={"widths": [64, 128, 128]}), 0.94, 10),
     # The Imagenette-160 copy, trained and tested at 128 px (the fast.ai leaderboard's small size).
     "imagenette_xresnet": (dict(dataset="imagenette", arch="xresnet", epochs=25, image_size=128), 0.88, 60),
 }
