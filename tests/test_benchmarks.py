@@ -47,7 +47,9 @@ def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
     rows = harness.run("peak", {"seconds": 0.2, "size": 128, "batch": 2}, report)
 
     assert [(r["op"].split()[0], r["dtype"]) for r in rows] == [
-        ("matmul", "float32"), ("conv3x3", "float32"), ("matmul", "bfloat16"), ("conv3x3", "bfloat16")]
+        ("matmul", "float32"), ("conv3x3", "float32"), ("conv3x3", "float32"),
+        ("matmul", "bfloat16"), ("conv3x3", "bfloat16"), ("conv3x3", "bfloat16")]
+    assert [r["op"] for r in rows[1:3]] == ["conv3x3 2x32x32x128->128", "conv3x3 1x40x40x256->256"]
     assert all(r["gflops"] > 0 for r in rows)
     assert set(cpu.measured_peak()) == {"float32", "bfloat16"}
 
@@ -60,7 +62,7 @@ def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
     assert run.data.metrics["matmul_128x128_float32_gflops"] == pytest.approx(rows[0]["gflops"])
     assert "wall_s" in run.data.metrics
     table = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/peak.json"))
-    assert len(table["data"]) == 4
+    assert len(table["data"]) == 6
 
 
 def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, tmp_path):
