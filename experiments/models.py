@@ -199,14 +199,27 @@ class FastBatchNorm(layers.BatchNormalization):
     custom code.
     """
 
+    def __init__(self, bias_scale: float = 1.0, **kwargs):
+        # The offset is `bias_scale * beta`: with SGD that multiplies beta's learning rate by
+        # bias_scale**2 (airbench: 64x, so 8). `portable()` folds it into a stock layer's beta.
+        super().__init__(**kwargs)
+        self.bias_scale = bias_scale
+
+    def get_config(self):
+        return {**super().get_config(), "bias_scale": self.bias_scale}
+
     def call(self, inputs, training=None, mask=None):
-        if not training or keras.backend.backend() != "tensorflow" or self.axis != len(inputs.shape) - 1:
-            return super().call(inputs, training=training, mask=mask)
+        fused = training and keras.backend.backend() == "tensorflow" and self.axis == len(inputs.shape) - 1
+        if not fused:
+            outputs = super().call(inputs, training=training, mask=mask)  # its offset is beta
+            if self.bias_scale == 1.0 or not self.center:
+                return outputs
+            return outputs + keras.ops.cast(self.beta * (self.bias_scale - 1.0), outputs.dtype)
         import tensorflow as tf
 
         empty = tf.constant([], tf.float32)
         scale = self.gamma if self.scale else tf.ones_like(self.moving_mean)
-        offset = self.beta if self.center else tf.zeros_like(self.moving_mean)
+        offset = self.beta * self.bias_scale if self.center else tf.zeros_like(self.moving_mean)
         outputs, mean, variance, *_ = tf.raw_ops.FusedBatchNormV3(
             x=inputs, scale=scale, offset=offset, mean=empty, variance=empty,
             epsilon=self.epsilon, data_format="NHWC", is_training=True,
@@ -220,13 +233,19 @@ def portable(model: keras.Model) -> keras.Model:
     """A copy of `model` with stock Keras layers only: same weights, same inference."""
 
     def clone(layer):
-        cls = layers.BatchNormalization if isinstance(layer, FastBatchNorm) else layer.__class__
-        return cls.from_config(layer.get_config())
+        if isinstance(layer, FastBatchNorm):
+            config = layer.get_config()
+            del config["bias_scale"]
+            return layers.BatchNormalization.from_config(config)
+        return layer.__class__.from_config(layer.get_config())
 
     if not any(isinstance(layer, FastBatchNorm) for layer in model.layers):
         return model
     copy = keras.models.clone_model(model, clone_function=clone)
     copy.set_weights(model.get_weights())
+    for layer in model.layers:
+        if isinstance(layer, FastBatchNorm) and layer.center and layer.bias_scale != 1.0:
+            copy.get_layer(layer.name).beta.assign(layer.beta * layer.bias_scale)
     return copy
 
 
@@ -262,13 +281,13 @@ def dtype_policy(name: str):
 
 
 def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True,
-            strides: int = 1, relu: bool = True, gamma: str = "ones"):
+            strides: int = 1, relu: bool = True, gamma: str = "ones", bias_scale: float = 1.0):
     """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, ReLU."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
     if pool:
         x = layers.MaxPooling2D(2)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
-    x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma)(x)
+    x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma, bias_scale=bias_scale)(x)
     # ReLU, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
     return layers.Activation("relu")(x) if relu else x
 
@@ -317,13 +336,28 @@ def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, p
         x = layers.Conv2D(2 * 4 * channels, 2, padding="valid", trainable=False, name=PATCH_WHITENING)(x)
         x = layers.Activation("relu")(x)
         for filters in widths:
-            x = conv_bn(x, filters, momentum=0.6, pool=True, scale=False)
-            x = conv_bn(x, filters, momentum=0.6, scale=False)
+            # Norm biases learn 64x faster (airbench's ablations: 18 -> 13.5 epochs to 94%).
+            x = conv_bn(x, filters, momentum=0.6, pool=True, scale=False, bias_scale=8.0)
+            x = conv_bn(x, filters, momentum=0.6, scale=False, bias_scale=8.0)
         x = layers.GlobalMaxPooling2D()(x)
         x = layers.Dense(data.num_classes, use_bias=False)(x)
         x = layers.Rescaling(1 / 9)(x)  # airbench's logit scale: softer outputs early in training
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
-    return keras.Model(inputs, probabilities, name="airbench")
+    model = keras.Model(inputs, probabilities, name="airbench")
+    dirac_init(model)
+    return model
+
+
+def dirac_init(model: keras.Model) -> None:
+    """Start each trainable 3x3 conv as the identity on its first input channels (airbench's dirac init,
+    21 -> 18 epochs to 94% in its ablations); the other filters keep their random init."""
+    for layer in model.layers:
+        if isinstance(layer, layers.Conv2D) and layer.trainable and layer.kernel_size == (3, 3):
+            kernel = np.array(layer.kernel.numpy())
+            channels = min(kernel.shape[2], kernel.shape[3])
+            kernel[:, :, :, :channels] = 0.0
+            kernel[1, 1, np.arange(channels), np.arange(channels)] = 1.0
+            layer.kernel.assign(kernel)
 
 
 def residual_block(x, filters: int, strides: int = 1):
