@@ -146,7 +146,7 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
     """Run one benchmark tracked in MLflow; print its table; write it into `benchmarks_md` (None: do not)."""
     import mlflow
 
-    from experiments.tracking import default_tracking_uri
+    from experiments.tracking import default_tracking_uri, use_experiment
 
     bench = get_benchmark(name)
     options = {**options_of(bench), **(options or {})}
@@ -154,7 +154,7 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
         [name] + [f"{k}={v}" for k, v in options.items() if v != options_of(bench)[k]]
     )
     mlflow.set_tracking_uri(default_tracking_uri())
-    mlflow.set_experiment(EXPERIMENT)
+    use_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=name, description=bench.description) as active:
         mlflow.set_tags({"benchmark": name, "git_commit": git_commit(), "machine": machine()})
         mlflow.log_params({**options, "command": command})

@@ -38,7 +38,9 @@ def check_tracking_server(uri: str = "") -> str:
 
 def use_experiment(name: str) -> str:
     """`mlflow.set_experiment(name)` that survives a race: when several workers start at once, each may
-    find no experiment and try to create it; the losers get RESOURCE_ALREADY_EXISTS and take the winner's."""
+    find no experiment and try to create it; the losers get RESOURCE_ALREADY_EXISTS and take the winner's.
+    (set_experiment's own race path returns the winner's experiment without making it active, so the
+    loser's run would land in Default: create first, then set.)"""
     import mlflow
     from mlflow.exceptions import MlflowException
 

@@ -92,4 +92,6 @@ def test_a_worker_that_loses_the_race_to_create_the_experiment_joins_it(tmp_path
 
     monkeypatch.setattr(mlflow, "get_experiment_by_name", other_worker_wins)
     assert use_experiment("cifar10") == other_worker_wins.winner
+    with mlflow.start_run() as run:  # the loser's runs go into the winner's experiment, not Default
+        assert run.info.experiment_id == other_worker_wins.winner
     assert [e.name for e in mlflow.MlflowClient(uri).search_experiments()] == ["cifar10", "Default"]
