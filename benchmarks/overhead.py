@@ -10,20 +10,14 @@ from experiments import train as training
 
 
 @benchmark("tracking_overhead", "Wall time of train() (autolog, artifacts, model logging) against a plain model.fit")
-def tracking_overhead(dataset: str = "cifar10", arch: str = "airbench", widths: str = "32 64 128", epochs: int = 5,
-                      repeats: int = 3, limit: int = 0, batch_size: int = 128, data_dir: str = "") -> list[dict]:
+def tracking_overhead(dataset: str = "cifar10", arch: str = "airbench_s", epochs: int = 5, repeats: int = 3,
+                      limit: int = 0, batch_size: int = 128, data_dir: str = "") -> list[dict]:
     """By default the CIFAR-10 3-minute recipe (airbench at half width): a fast model, so the fixed
     per-epoch cost of tracking weighs the most."""
-    import inspect
-
     import mlflow
 
-    from experiments.models import get_model_entry
-
-    takes_widths = "widths" in inspect.signature(get_model_entry(arch).build).parameters
-    options = {"widths": [int(w) for w in widths.split()]} if widths and takes_widths else {}
     config = training.TrainConfig(dataset=dataset, arch=arch, epochs=epochs, limit=limit, batch_size=batch_size,
-                                   data_dir=data_dir, options=options)
+                                   data_dir=data_dir)
     config.validate()
     training.load_data(config)  # decoded once, outside the timings
     times: dict[str, list[float]] = {"plain model.fit": [], "train() with tracking": []}

@@ -41,10 +41,11 @@ class Checkpoint:
     def load_model(self):
         import keras
 
-        from experiments.models import FastBatchNorm
+        from experiments.models import AlternatingFlip, FastBatchNorm
 
         return keras.models.load_model(self.folder / "model.keras", safe_mode=True,
-                                       custom_objects={"FastBatchNorm": FastBatchNorm})
+                                       custom_objects={"FastBatchNorm": FastBatchNorm,
+                                                       "AlternatingFlip": AlternatingFlip})
 
 
 def latest(run_folder: Path) -> Checkpoint | None:

@@ -41,6 +41,7 @@ from experiments.errors import UserError
 from experiments.tracking import check_tracking_server, default_tracking_uri, git_state, use_experiment
 from experiments.tutorial import TUTORIAL_FIGURES
 from experiments.models import (
+    AlternatingFlip,
     DataSpec,
     Recipe,
     fit_patch_whitening,
@@ -185,7 +186,7 @@ def train(
                     model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
                 elif model is None:
                     model = get_model_entry(config.arch).build(spec, **config.options)
-                    fit_patch_whitening(model, _first_images(splits[0][0], WHITENING_SAMPLE))
+                    fit_patch_whitening(model, _sample_images(splits[0][0], WHITENING_SAMPLE))
                 history = _fit(model, config, data, recipe, splits, callbacks, initial_epoch,
                                compiled=checkpoint is not None)
                 if checkpoint:  # the whole run's curves, for the plots
@@ -361,13 +362,18 @@ def _batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int 
 
     images = split.images
     if shuffle_seed is not None:
-        images = images.shuffle(min(len(split), 20_000), seed=shuffle_seed, reshuffle_each_iteration=True)
+        # A buffer of the whole split: folder datasets are stored class by class, and a smaller buffer
+        # fed each epoch's first batches from the first classes only, its last batches from the last ones
+        # (CIFAR-10's 50,000 through a 20,000 buffer: 87% where airbench reaches 94%).
+        images = images.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
     batches = images.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
     return batches.prefetch(tf.data.AUTOTUNE)
 
 
-def _first_images(split: Split, count: int) -> np.ndarray:
-    return np.concatenate([x for x, _ in split.images.take(count).batch(1000).as_numpy_iterator()])
+def _sample_images(split: Split, count: int) -> np.ndarray:
+    """About `count` images spread evenly over the split (so over every class of a class-sorted one)."""
+    every = max(1, len(split) // count)
+    return np.concatenate([x for x, _ in split.images.shard(every, 0).take(count).batch(1000).as_numpy_iterator()])
 
 
 def _images(split: Split, batch_size: int):
@@ -412,9 +418,15 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial
 
 def _fit(model, config: TrainConfig, data: ImageData, recipe: Recipe, splits: tuple, callbacks: list,
          initial_epoch: int, compiled: bool = False) -> dict:
+    import keras
+
     (train_split, _), (validation_split, _) = splits
     if not compiled:  # a checkpoint carries its optimizer, LR schedule position and weight average
         _compile(model, recipe, config, len(train_split), initial_epoch)
+    flips = [layer for layer in model.layers if isinstance(layer, AlternatingFlip)]
+    if flips:  # they mirror by epoch parity: tell them the epoch (on resume too)
+        callbacks = [*callbacks, keras.callbacks.LambdaCallback(
+            on_epoch_begin=lambda epoch, logs=None: [layer.epoch.assign(epoch) for layer in flips])]
     train_batches = _batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     validation_batches = _batches(validation_split, config.batch_size, data.num_classes)
     # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).

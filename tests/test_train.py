@@ -203,6 +203,7 @@ def test_airbench_trains_through_train_with_its_recipe(tmp_path):
                    options={"widths": [16, 32, 32]})
     params = mlflow.get_run(result.run_id).data.params
     assert (params["recipe.optimizer"], params["recipe.learning_rate"], params["recipe.ema"]) == ("sgd", "0.125", "0.99")
+    assert params["recipe.test_time_flip"] == params["recipe.test_time_shift"] == "True"
     assert params["learning_rate"] == "0.0" and params["options.widths"] == "[16, 32, 32]"
     assert result.test_accuracy > 0.8  # three brightness classes: learnable (1.0 on seeds 0-2)
     loaded = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
@@ -232,6 +233,84 @@ def test_airbench_norm_biases_are_scaled_and_folded_into_stock_layers_for_saving
     kernel = first_conv.kernel.numpy()  # 24 whitened channels in, 16 filters out
     np.testing.assert_array_equal(kernel[1, 1, :16, :16], np.eye(16))
     assert not kernel[[0, 2]].any() and not kernel[:, [0, 2]].any()
+
+
+def test_batches_and_the_whitening_sample_draw_on_every_class_of_a_class_sorted_split():
+    """Folder datasets are stored class by class (CIFAR-10's local copy): each epoch's first batch, and
+    the images the patch whitening is fitted on, must still come from every class."""
+    from experiments.datasets import _array_split
+    from experiments.train import _batches, _sample_images
+
+    labels = np.repeat(np.arange(10), 2400)  # 24,000 images, more than the old 20,000 shuffle buffer
+    split = _array_split(np.broadcast_to(labels[:, None, None, None], (len(labels), 2, 2, 1)).astype(np.uint8), labels)
+    batches = _batches(split, 256, 10, shuffle_seed=0)
+    for _ in range(2):  # two epochs
+        first_batch = next(iter(batches))[1].numpy().argmax(axis=1)
+        assert set(first_batch.tolist()) == set(range(10))
+    sample = _sample_images(split, 100)
+    assert len(sample) == 100 and np.bincount(sample[:, 0, 0, 0]).tolist() == [10] * 10
+
+
+@pytest.mark.parametrize("rows, cols", [(1, 1), (-1, -1), (1, -1), (0, 1)])
+def test_shift_moves_images_a_pixel_with_a_reflected_border(rows, cols):
+    from experiments.models import shift
+
+    images = np.random.default_rng(0).integers(0, 256, (3, 8, 6, 3), dtype=np.uint8)
+    inputs = keras.Input((8, 6, 3), dtype="uint8")
+    moved = np.asarray(keras.Model(inputs, shift(inputs, rows, cols))(images))
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    np.testing.assert_array_equal(moved, padded[:, 1 - rows : 9 - rows, 1 - cols : 7 - cols])
+
+
+def test_alternating_flip_mirrors_each_training_image_every_other_epoch(tmp_path):
+    from conftest import make_npz
+
+    from experiments.models import AlternatingFlip
+
+    flip = AlternatingFlip()
+    images = np.random.default_rng(0).integers(0, 256, (64, 8, 8, 3), dtype=np.uint8)
+    mirrored = []
+    for epoch in range(3):
+        flip.epoch.assign(epoch)
+        out = np.asarray(flip(images, training=True))
+        assert all(np.array_equal(o, x) or np.array_equal(o, x[:, ::-1]) for o, x in zip(out, images))
+        mirrored.append(np.array([not np.array_equal(o, x) for o, x in zip(out, images)]))
+    assert 16 < mirrored[0].sum() < 48  # about half start mirrored
+    assert (mirrored[0] != mirrored[1]).all() and (mirrored[0] == mirrored[2]).all()
+    np.testing.assert_array_equal(np.asarray(flip(images, training=False)), images)  # inference: as given
+
+    # train() tells the layer each epoch; the saved model has a stock Identity in its place.
+    seen = []
+    record = keras.callbacks.LambdaCallback(on_epoch_end=lambda epoch, logs: seen.append(int(next(
+        layer for layer in record.model.layers if isinstance(layer, AlternatingFlip)).epoch.numpy())))
+    make_npz(tmp_path / "cifar10.npz", n_train=32, n_test=8, shape=(32, 32, 3), classes=2)
+    result = train(dataset="cifar10", arch="airbench", epochs=3, batch_size=16, data_dir=str(tmp_path),
+                   options={"widths": [8, 8, 8]}, callbacks=[record])
+    assert seen == [0, 1, 2]
+    served = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    assert served  # loads without this project's custom layers
+    inner = next(layer for layer in result.model.layers if isinstance(layer, keras.Model))
+    assert "Identity" in [type(layer).__name__ for layer in inner.layers]
+    assert not any(isinstance(layer, AlternatingFlip) for layer in inner.layers)
+
+
+def test_airbench_serves_airbench_multi_crop_average_of_six_views():
+    """Half on the image and its mirror, half on both shifted a pixel up-left and down-right (and mirrored)."""
+    from experiments.models import get_model_entry, inference_model, portable
+
+    spec = DataSpec((32, 32, 3), 10)
+    model = create_model("airbench", spec, widths=[8, 8, 8])
+    served = inference_model(model, get_model_entry("airbench").recipe, spec)
+    images = np.random.default_rng(0).integers(0, 256, (4, 32, 32, 3), dtype=np.uint8)
+    plain = portable(model)
+
+    def both(x):
+        return np.asarray(plain(x, training=False), np.float64) + np.asarray(plain(x[:, :, ::-1], training=False))
+
+    padded = np.pad(images, ((0, 0), (1, 1), (1, 1), (0, 0)), mode="reflect")
+    expected = 0.25 * both(images) + 0.125 * (both(padded[:, 2:34, 2:34]) + both(padded[:, :32, :32]))
+    np.testing.assert_allclose(served.predict(images, verbose=0), expected, atol=1e-5)
+    assert served.output_names == ["probabilities"]
 
 
 @pytest.mark.parametrize("name", list_models())
