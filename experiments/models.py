@@ -36,7 +36,8 @@ class DataSpec:
 class Recipe:
     """How an architecture is trained; `train()` turns it into an optimizer and loss."""
 
-    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (Nesterov momentum 0.9)
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (with Nesterov momentum)
+    momentum: float = 0.9  # SGD only
     learning_rate: float = 0.001  # used unless the run sets learning_rate
     schedule: str = "constant"  # "constant" or "cosine" (linear warmup, then cosine decay to 0)
     weight_decay: float = 0.0  # decoupled (AdamW/SGD); ignored by plain Adam

@@ -406,7 +406,7 @@ def _compile(model, recipe: Recipe, config: TrainConfig, num_train: int, initial
         optimizer = keras.optimizers.AdamW(learning_rate, weight_decay=recipe.weight_decay, **ema)
     elif recipe.optimizer == "sgd":
         optimizer = keras.optimizers.SGD(
-            learning_rate, momentum=0.9, nesterov=True, weight_decay=recipe.weight_decay or None, **ema
+            learning_rate, momentum=recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay or None, **ema
         )
     else:
         optimizer = keras.optimizers.Adam(learning_rate, **ema)

@@ -16,6 +16,8 @@ from experiments.train import TrainConfig, _compile, train
 RECIPES = {
     "cnn_modern": {"widths": [16, 32, 32]},
     "airbench": {"widths": [16, 32, 32]},
+    "airbench_s": {},  # named widths: the builders as the recipes use them
+    "airbench_m": {},
     "xresnet": {"widths": [16, 16, 32, 32]},
 }
 
@@ -49,3 +51,11 @@ def test_the_same_seed_gives_the_same_first_epoch_loss(name, tmp_path):
     assert math.isfinite(first)
     assert first == again
     assert first != other_seed  # the seed reaches the weights and the augmentation
+
+
+def test_the_recipe_sets_the_sgd_momentum():
+    config = TrainConfig(dataset="cifar10", arch="airbench", epochs=1, batch_size=8, recipe={"momentum": 0.85})
+    model = create_model("airbench_s", DataSpec((32, 32, 3), 10))
+    _compile(model, config.training_recipe(), config, num_train=8)
+    assert model.optimizer.momentum == 0.85 and model.optimizer.nesterov
+    assert get_model_entry("airbench").recipe.momentum == 0.9
