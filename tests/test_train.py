@@ -328,7 +328,7 @@ def test_every_model_takes_uint8_pixels(name):
     "overrides, fragment",
     [
         ({"dataset": "svhn"}, "unknown dataset 'svhn'; choose one of:"),
-        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose one of: airbench, cnn_basic"),
+        ({"arch": "resnet9000"}, "unknown architecture 'resnet9000'; choose one of: airbench, airbench_m, airbench_s, cnn_basic"),
         ({"epochs": 0}, "epochs must be a positive integer, got 0"),
         ({"batch_size": -8}, "batch_size must be a positive integer, got -8"),
         ({"limit": -1}, "limit must be 0 (whole training split) or a positive count, got -1"),
