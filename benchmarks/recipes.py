@@ -51,7 +51,7 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
             image_size: int = settings.get("image_size", 128)) -> list[dict]:
         import mlflow
 
-        from experiments.models import DataSpec, get_model_entry
+        from experiments.models import DataSpec, get_model_entry, inference_views
         from experiments.train import TrainConfig, load_data, train
 
         config = TrainConfig(**{**settings, "epochs": epochs, "data_dir": data_dir, "seed": seed,
@@ -64,13 +64,11 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
         wall = time.perf_counter() - start
 
         data = load_data(config)
-        model = get_model_entry(config.arch).build(DataSpec(data.image_shape, data.num_classes, data.hflip),
-                                                    **config.options)
+        spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
+        model = get_model_entry(config.arch).build(spec, **config.options)
         recipe = config.training_recipe()
-        # Training costs about 3 forward passes (forward, two for backward); evaluation one per test-time view:
-        # two with flips, six with flips and shifts.
-        views = (1 + 2 * recipe.test_time_shift) * 2 if recipe.test_time_flip and data.hflip else 1
-        flops = forward_flops(model) * (3 * len(data.train) * epochs + views * len(data.test))
+        # Training costs about 3 forward passes (forward, two for backward); evaluation one per test-time view.
+        flops = forward_flops(model) * (3 * len(data.train) * epochs + inference_views(recipe, spec) * len(data.test))
         dtype = "bfloat16" if any(layer.dtype_policy.name == "mixed_bfloat16" for layer in model.layers) else "float32"
         peak = measured_peak().get(dtype)
         achieved = flops / wall / 1e9

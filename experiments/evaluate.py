@@ -69,8 +69,8 @@ def plot_misclassified(images: np.ndarray, labels, predictions, confidences, cla
     wrong = wrong[np.argsort(-confidences[wrong])][:limit]
     cols = 5
     rows = max(1, int(np.ceil(len(wrong) / cols)))
-    # One image of tiles on one axes, not an axes per image: a fifth of the drawing time, which
-    # every tracked run pays (see tracking_overhead in BENCHMARKS.md).
+    # One image of tiles on one axes, not an axes per image: 0.5-1.0 s to draw and save where 25 axes
+    # took 2.1 s, a cost every tracked run pays (see tracking_overhead in BENCHMARKS.md).
     height, width, channels = images.shape[1:] if len(wrong) else (32, 32, 1)
     gap, caption = max(2, width // 8), height // 2  # white space between tiles, and above each for its caption
     cell_height, cell_width = height + caption, width + gap
