@@ -352,15 +352,16 @@ def dtype_policy(name: str):
 
 
 def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True,
-            strides: int = 1, relu: bool = True, gamma: str = "ones", bias_scale: float = 1.0):
+            strides: int = 1, relu: bool = True, gamma: str = "ones", bias_scale: float = 1.0,
+            activation: str = "relu"):
     """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, ReLU."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
     if pool:
         x = layers.MaxPooling2D(2)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
     x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma, bias_scale=bias_scale)(x)
-    # ReLU, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
-    return layers.Activation("relu")(x) if relu else x
+    # ReLU by default, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
+    return layers.Activation(activation)(x) if relu else x
 
 
 @register_model(optimizer="adamw", learning_rate=0.002, schedule="cosine", weight_decay=0.05, warmup_fraction=0.1,
@@ -399,7 +400,7 @@ AIRBENCH_RECIPE = dict(optimizer="sgd", learning_rate=0.125, schedule="cosine", 
 
 @register_model(**AIRBENCH_RECIPE)
 def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, norm_momentum: float = 0.6,
-             precision: str = "mixed_bfloat16") -> keras.Model:
+             precision: str = "mixed_bfloat16", activation: str = "relu") -> keras.Model:
     """airbench-style fast CIFAR net: fixed patch-whitening conv, three conv-pool-norm blocks (91% in 18 epochs)."""
     height, width, channels = data.image_shape
     with dtype_policy(precision):
@@ -410,11 +411,12 @@ def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, n
         # 2x2 patches projected onto their covariance's eigenvectors (and their negatives), set from the
         # training images by fit_patch_whitening() before training and never trained.
         x = layers.Conv2D(2 * 4 * channels, 2, padding="valid", trainable=False, name=PATCH_WHITENING)(x)
-        x = layers.Activation("relu")(x)
+        x = layers.Activation(activation)(x)
         for filters in widths:
             # Norm biases learn 64x faster (airbench's ablations: 18 -> 13.5 epochs to 94%).
-            x = conv_bn(x, filters, momentum=norm_momentum, pool=True, scale=False, bias_scale=8.0)
-            x = conv_bn(x, filters, momentum=norm_momentum, scale=False, bias_scale=8.0)
+            x = conv_bn(x, filters, momentum=norm_momentum, pool=True, scale=False, bias_scale=8.0,
+                        activation=activation)
+            x = conv_bn(x, filters, momentum=norm_momentum, scale=False, bias_scale=8.0, activation=activation)
         x = layers.GlobalMaxPooling2D()(x)
         x = layers.Dense(data.num_classes, use_bias=False)(x)
         x = layers.Rescaling(1 / 9)(x)  # airbench's logit scale: softer outputs early in training

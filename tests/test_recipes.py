@@ -59,3 +59,16 @@ def test_the_recipe_sets_the_sgd_momentum():
     _compile(model, config.training_recipe(), config, num_train=8)
     assert model.optimizer.momentum == 0.85 and model.optimizer.nesterov
     assert get_model_entry("airbench").recipe.momentum == 0.9
+
+
+def test_airbench_takes_its_activation_as_an_option():
+    """ReLU by default (oneDNN fuses it with conv and norm); GELU, airbench's own, as `options={"activation": "gelu"}`."""
+    spec = DataSpec((32, 32, 3), 10)
+
+    def activations(**options):
+        model = create_model("airbench", spec, widths=[16, 32, 32], **options)
+        return {layer.get_config()["activation"] for layer in model.layers if isinstance(layer, keras.layers.Activation)
+                and layer.name != "probabilities"}
+
+    assert activations() == {"relu"}
+    assert activations(activation="gelu") == {"gelu"}

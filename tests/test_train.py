@@ -235,6 +235,33 @@ def test_airbench_norm_biases_are_scaled_and_folded_into_stock_layers_for_saving
     assert not kernel[[0, 2]].any() and not kernel[:, [0, 2]].any()
 
 
+@pytest.mark.parametrize("fast", [False, True])
+def test_recalibrated_norm_statistics_are_the_average_over_training_batches(fast):
+    """After a weight average is swapped in, each norm's moving statistics become the mean of its input's
+    per-batch means and variances over the given batches (not the last few batches' of other weights)."""
+    import tensorflow as tf
+
+    from experiments.models import FastBatchNorm
+    from experiments.train import recalibrate_norms
+
+    inputs = keras.Input((4, 4, 3))
+    norm = (FastBatchNorm if fast else keras.layers.BatchNormalization)(momentum=0.6)
+    model = keras.Model(inputs, norm(inputs))
+    norm.moving_mean.assign([9.0, 9.0, 9.0])
+    rng = np.random.default_rng(0)
+    images = rng.normal([1.0, -2.0, 0.5], [1.0, 3.0, 0.2], (40, 4, 4, 3)).astype(np.float32)
+    batches = tf.data.Dataset.from_tensor_slices((images, np.zeros(40))).batch(10)
+
+    recalibrate_norms(model, batches, steps=3)  # the first 30 images, in batches of 10
+
+    per_batch = images[:30].reshape(3, -1, 3)
+    np.testing.assert_allclose(norm.moving_mean.numpy(), per_batch.mean(axis=1).mean(axis=0), rtol=1e-4, atol=1e-5)
+    variances = norm.moving_variance.numpy()
+    biased, unbiased = per_batch.var(axis=1).mean(axis=0), per_batch.var(axis=1, ddof=1).mean(axis=0)
+    assert np.allclose(variances, biased, rtol=1e-4) or np.allclose(variances, unbiased, rtol=1e-4)
+    assert norm.momentum == 0.6
+
+
 def test_batches_and_the_whitening_sample_draw_on_every_class_of_a_class_sorted_split():
     """Folder datasets are stored class by class (CIFAR-10's local copy): each epoch's first batch, and
     the images the patch whitening is fitted on, must still come from every class."""
