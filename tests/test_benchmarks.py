@@ -39,6 +39,8 @@ def test_bad_names_and_options_are_one_line_errors():
         harness.parse_options(bench, ["secs=1"])
     with pytest.raises(UserError, match="option size must be a int, got 'big'"):
         harness.parse_options(bench, ["size=big"])
+    with pytest.raises(UserError, match="option options: not valid JSON"):
+        harness.run("cifar10_airbench_3min", {"options": "{zoom: 0.4}"}, None)
 
 
 def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
@@ -95,13 +97,17 @@ def test_forward_flops_counts_convs_and_dense_layers():
 
 def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifar, tmp_path):
     harness.run("peak", {"seconds": 0.1, "size": 64, "batch": 1}, None)
-    rows = harness.run("cifar10_airbench_3min", {"epochs": 1, "data_dir": str(tiny_cifar)}, tmp_path / "B.md")
+    rows = harness.run("cifar10_airbench_3min", {"epochs": 1, "data_dir": str(tiny_cifar), "options": '{"translate_pixels": 1}',
+                                                 "recipe": '{"label_smoothing": 0.1}'}, tmp_path / "B.md")
 
     (row,) = rows
     assert row["recipe"] == "cifar10_airbench_3min" and row["epochs"] == 1 and row["target"] == "80% in 3 min"
     child = mlflow.get_run(row["run_id"])
     assert child.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"])
     assert child.data.params["arch"] == "airbench_s"
+    # options and recipe (JSON) reach train(), and the command in BENCHMARKS.md repeats them
+    assert (child.data.params["options.translate_pixels"], child.data.params["recipe.label_smoothing"]) == ("1", "0.1")
+    assert """recipe={"label_smoothing": 0.1}`""" in (tmp_path / "B.md").read_text()
     assert row["met"] == ("yes" if row["test_accuracy"] >= 0.8 and row["wall_s"] <= 180 else "no")
     assert row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"]
 
