@@ -20,6 +20,7 @@ import inspect
 import os
 import platform
 import re
+import shlex
 import subprocess
 import sys
 import time
@@ -150,8 +151,8 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
 
     bench = get_benchmark(name)
     options = {**options_of(bench), **(options or {})}
-    command = "python -m benchmarks run " + " ".join(
-        [name] + [f"{k}={v}" for k, v in options.items() if v != options_of(bench)[k]]
+    command = "python -m benchmarks run " + " ".join(  # quoted, so that it pastes into a shell (JSON options)
+        [name] + [shlex.quote(f"{k}={v}") for k, v in options.items() if v != options_of(bench)[k]]
     )
     mlflow.set_tracking_uri(default_tracking_uri())
     use_experiment(EXPERIMENT)

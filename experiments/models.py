@@ -470,14 +470,16 @@ def residual_block(x, filters: int, strides: int = 1):
 # stem, one residual block per stage, scale augmentation, SGD-Nesterov with warmup and cosine decay.
 @register_model(optimizer="sgd", learning_rate=0.1, schedule="cosine", weight_decay=5e-4, warmup_fraction=0.1,
                 label_smoothing=0.1, test_time_flip=True)
-def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.25, precision: str = "mixed_bfloat16"
+def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4, precision: str = "mixed_bfloat16"
             ) -> keras.Model:
     """xresnet-style ResNet for 128-160 px images: 3-conv stem, a residual block per stage, zoom+shift+flip."""
     with dtype_policy(precision):
         inputs, x = _pixels(data)
         x = layers.Normalization(mean=0.5, variance=0.0625)(x)
         x = augmentation(data, translate=0.1)(x)
-        x = layers.RandomZoom((-zoom, 0.0), fill_mode="reflect")(x)  # zoom in only: crops of 56-100% of the area
+        # Zoom in only: crops of 36-100% of the area (fast.ai's Imagenette crops: 35-100%). Against 56-100%
+        # (zoom 0.25): 87.36% against 87.01% on Imagenette in 40 epochs, training accuracy 95.7% against 97.3%.
+        x = layers.RandomZoom((-zoom, 0.0), fill_mode="reflect")(x)
         x = conv_bn(x, 32, strides=2)
         x = conv_bn(x, 32)
         x = conv_bn(x, 64)

@@ -107,7 +107,7 @@ def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifa
     assert child.data.params["arch"] == "airbench_s"
     # options and recipe (JSON) reach train(), and the command in BENCHMARKS.md repeats them
     assert (child.data.params["options.translate_pixels"], child.data.params["recipe.label_smoothing"]) == ("1", "0.1")
-    assert """recipe={"label_smoothing": 0.1}`""" in (tmp_path / "B.md").read_text()
+    assert """ 'recipe={"label_smoothing": 0.1}'`""" in (tmp_path / "B.md").read_text()  # quoted for a shell
     assert row["met"] == ("yes" if row["test_accuracy"] >= 0.8 and row["wall_s"] <= 180 else "no")
     assert row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"]
 
