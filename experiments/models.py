@@ -352,16 +352,16 @@ def dtype_policy(name: str):
 
 
 def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True,
-            strides: int = 1, relu: bool = True, gamma: str = "ones", bias_scale: float = 1.0,
-            activation: str = "relu"):
-    """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, ReLU."""
+            strides: int = 1, activation: str | None = "relu", gamma: str = "ones", bias_scale: float = 1.0):
+    """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, then the
+    activation (none if None)."""
     x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
     if pool:
         x = layers.MaxPooling2D(2)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
     x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma, bias_scale=bias_scale)(x)
     # ReLU by default, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs 4x slower here.
-    return layers.Activation(activation)(x) if relu else x
+    return layers.Activation(activation)(x) if activation else x
 
 
 @register_model(optimizer="adamw", learning_rate=0.002, schedule="cosine", weight_decay=0.05, warmup_fraction=0.1,
@@ -401,7 +401,7 @@ AIRBENCH_RECIPE = dict(optimizer="sgd", learning_rate=0.125, schedule="cosine", 
 @register_model(**AIRBENCH_RECIPE)
 def airbench(data: DataSpec, widths=(64, 256, 256), translate_pixels: int = 2, norm_momentum: float = 0.6,
              precision: str = "mixed_bfloat16", activation: str = "relu") -> keras.Model:
-    """airbench-style fast CIFAR net: fixed patch-whitening conv, three conv-pool-norm blocks (91% in 18 epochs)."""
+    """airbench-style fast CIFAR net: fixed patch-whitening conv, three conv-pool-norm blocks (91.28% in 20 epochs)."""
     height, width, channels = data.image_shape
     with dtype_policy(precision):
         inputs, x = _pixels(data, alternating_flip=True)
@@ -457,12 +457,12 @@ def residual_block(x, filters: int, strides: int = 1):
     """ResNet basic block. The last norm starts at zero, so each block starts as the identity; a shortcut
     that changes shape average-pools before its 1x1 conv (ResNet-D), so no pixel is skipped."""
     y = conv_bn(x, filters, strides=strides)
-    y = conv_bn(y, filters, relu=False, gamma="zeros")
+    y = conv_bn(y, filters, activation=None, gamma="zeros")
     shortcut = x
     if strides > 1:
         shortcut = layers.AveragePooling2D(strides, padding="same")(shortcut)
     if x.shape[-1] != filters:
-        shortcut = conv_bn(shortcut, filters, kernel_size=1, relu=False)
+        shortcut = conv_bn(shortcut, filters, kernel_size=1, activation=None)
     return layers.Activation("relu")(layers.Add()([y, shortcut]))
 
 
