@@ -1,10 +1,23 @@
-"""Command-line flags from config dataclasses, shared by every entry point's `parse_args`."""
+"""What every command shares: flags from config dataclasses, and one way from an error to an exit code."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
+import sys
+from typing import Callable
+
+from experiments.errors import UserError
+
+
+def run_main(body: Callable[[], int | None]) -> int:
+    """Run a command's body: its exit code (None is 0), or a UserError as one `error:` line and its code."""
+    try:
+        return body() or 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
 
 
 def boolean(text: str) -> bool:

@@ -536,6 +536,7 @@ def from_arrays(name, x_train, y_train, x_test, y_test, class_names, source, hfl
         test=_array_split(x_test, y_test),
         source=source,
         hflip=hflip,
+        info={"skipped_images": 0},  # every run logs the same params, whatever the source
     )
 
 

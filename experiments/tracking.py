@@ -1,7 +1,12 @@
-"""Where runs go, and which code made them: light helpers (no Keras) for every command's start-up."""
+"""Where runs go, who owns them, what they are tagged, and which code made them.
+
+Light (no Keras): every command's start-up imports it. The tag names and search roles that training,
+tuning, promotion and the report write and read are defined here and nowhere else.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 from pathlib import Path
@@ -10,10 +15,50 @@ from experiments.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 
+# Tags every training run carries, and the registry reads.
+DATASET_TAG = "dataset"
+ARCH_TAG = "arch"
+DATA_DIGEST_TAG = "data_digest"
+# A search is one parent run; its children are trials, the best configuration's retraining, and resumes.
+SEARCH_NAME_TAG = "search_name"
+SEARCH_ROLE_TAG = "search_role"
+TRIAL_ID_TAG = "trial_id"
+ROLE_PARENT, ROLE_TRIAL, ROLE_BEST, ROLE_RESUME = "parent", "trial", "best", "resume"
+NOT_CANDIDATES = {ROLE_TRIAL, ROLE_PARENT, ROLE_RESUME}  # search runs that hold no test-scored model
+
 
 def default_tracking_uri() -> str:
     """The embedded store in the project root, unless MLFLOW_TRACKING_URI says otherwise."""
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{PROJECT_ROOT / 'mlflow.db'}"
+
+
+def launched_run_id() -> str | None:
+    """The run `mlflow run` created for this process (it owns the run and its experiment), or None."""
+    return os.environ.get("MLFLOW_RUN_ID") or None
+
+
+def connect() -> str:
+    """Point MLflow at the project's store (or MLFLOW_TRACKING_URI); returns the URI."""
+    import mlflow
+
+    uri = default_tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    return uri
+
+
+def open_run(experiment: str, run_id: str | None = None):
+    """The run to log into, as a context manager: the active run if there is one (a tuner trial, a
+    caller's run), else `run_id`, else the run `mlflow run` launched, else a new run in `experiment`."""
+    import mlflow
+
+    if mlflow.active_run() is not None:
+        return contextlib.nullcontext(mlflow.active_run())
+    connect()
+    if run_id:
+        return mlflow.start_run(run_id=run_id)
+    if not launched_run_id():  # `mlflow run` owns the experiment; otherwise one per dataset
+        use_experiment(experiment)
+    return mlflow.start_run()
 
 
 def check_tracking_server(uri: str = "") -> str:

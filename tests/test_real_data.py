@@ -25,7 +25,7 @@ def test_fashion_mnist_loads_with_its_class_names():
     assert data.image_shape == (28, 28, 1) and data.class_names == FASHION_MNIST_CLASSES
 
 
-def test_cifar10_jpeg_copy_trains_at_native_size_in_keras_label_order():
+def test_cifar10_npz_copy_trains_at_native_size_in_keras_label_order():
     # 96 steps of 32: enough to leave chance behind (8 steps of 128 may not).
     result = train(dataset="cifar10", arch="cnn_deep", epochs=3, limit=1000, batch_size=32, data_dir=str(SHARED_DATA))
     run = mlflow.get_run(result.run_id)

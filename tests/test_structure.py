@@ -1,0 +1,104 @@
+"""The code's shape: size limits, public interfaces between modules, arrows that point one way."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PACKAGES = ("experiments", "tuning", "registry")
+MAX_FILE_LINES, MAX_TRAIN_LINES, MAX_FUNCTION_LINES, MAX_TRAIN_FUNCTION_LINES = 400, 250, 80, 60
+MAX_CLOSURE_LINES = 6  # a nested function of a few lines, passed as a callback
+
+
+def python_files(*folders: str) -> list[Path]:
+    return sorted(p for folder in folders for p in (ROOT / folder).rglob("*.py"))
+
+
+def parse(path: Path) -> ast.Module:
+    return ast.parse(path.read_text(), filename=str(path))
+
+
+def functions(tree: ast.AST):
+    return [node for node in ast.walk(tree) if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))]
+
+
+def length(node: ast.AST) -> int:
+    return node.end_lineno - node.lineno + 1
+
+
+@pytest.mark.parametrize("path", python_files(*PACKAGES), ids=lambda p: str(p.relative_to(ROOT)))
+def test_files_and_functions_stay_small(path):
+    lines = len(path.read_text().splitlines())
+    limit = MAX_TRAIN_LINES if path == ROOT / "experiments" / "train.py" else MAX_FILE_LINES
+    assert lines <= limit, f"{path.name} has {lines} lines (limit {limit}): split it by job"
+    for node in functions(parse(path)):
+        limit = MAX_TRAIN_FUNCTION_LINES if (path.name, node.name) == ("train.py", "train") else MAX_FUNCTION_LINES
+        assert length(node) <= limit, f"{path.name}:{node.lineno} {node.name}() has {length(node)} lines (limit {limit})"
+
+
+def private_imports(path: Path) -> list[str]:
+    """`from x import _name`, and `module._name` where `module` was imported: another module's private name."""
+    tree = parse(path)
+    found, modules = [], set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom):
+            found += [f"from {node.module} import {a.name}" for a in node.names if a.name.startswith("_")]
+            modules |= {a.asname or a.name for a in node.names}
+        elif isinstance(node, ast.Import):
+            found += [f"import {a.name}" for a in node.names if a.name.split(".")[-1].startswith("_")]
+            modules |= {(a.asname or a.name).split(".")[0] for a in node.names}
+    for node in ast.walk(tree):
+        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in modules
+                and node.attr.startswith("_") and not node.attr.startswith("__")):
+            found.append(f"{node.value.id}.{node.attr} (line {node.lineno})")
+    return found
+
+
+def test_no_module_reaches_into_another_modules_private_names():
+    offenders = {str(p.relative_to(ROOT)): private_imports(p)
+                 for p in python_files(*PACKAGES, "benchmarks", "tests")}
+    assert {k: v for k, v in offenders.items() if v} == {}
+
+
+def test_tuning_defines_its_classes_and_functions_at_module_level():
+    for path in python_files("tuning"):
+        for outer in functions(parse(path)):
+            for node in ast.walk(outer):
+                if node is outer:
+                    continue
+                assert not isinstance(node, ast.ClassDef), f"{path.name}: class {node.name} inside {outer.name}()"
+                if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                    assert length(node) <= MAX_CLOSURE_LINES, (
+                        f"{path.name}: {node.name}() inside {outer.name}() has {length(node)} lines")
+
+
+def imported_packages(path: Path) -> set[str]:
+    names = set()
+    for node in ast.walk(parse(path)):
+        if isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names.add(node.module.split(".")[0])
+        elif isinstance(node, ast.Import):
+            names |= {a.name.split(".")[0] for a in node.names}
+    return names
+
+
+def test_data_flows_one_way():
+    """experiments -> tuning -> registry; benchmarks and tests sit on top. Nothing points back down."""
+    below = {"experiments": {"tuning", "registry", "benchmarks"}, "tuning": {"registry", "benchmarks"},
+             "registry": {"tuning", "benchmarks"}}
+    for package, forbidden in below.items():
+        for path in python_files(package):
+            assert not imported_packages(path) & forbidden, f"{path.relative_to(ROOT)} imports {imported_packages(path) & forbidden}"
+
+
+def test_search_roles_and_run_ownership_are_decided_in_one_module():
+    """Role strings and MLFLOW_RUN_ID are read through experiments/tracking.py, not spelled out elsewhere."""
+    for path in python_files(*PACKAGES, "benchmarks"):
+        if path == ROOT / "experiments" / "tracking.py":
+            continue
+        text = path.read_text()
+        assert 'os.environ.get("MLFLOW_RUN_ID")' not in text and 'os.environ["MLFLOW_RUN_ID"]' not in text, path.name
+        assert '"search_role"' not in text, path.name
