@@ -9,7 +9,6 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -45,24 +44,16 @@ def file_key(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def atomic_path(target: Path, folder: bool = False):
-    """Yield a temporary path beside `target` (a file, or a folder if `folder`); on success it is renamed
-    to `target`, on any error (a kill included) it is removed and `target` is left as it was."""
+def atomic_path(target: Path):
+    """Yield a temporary file path beside `target`; on success it is renamed to `target`, on any error
+    (a kill included) it is removed and `target` is left as it was."""
     target.parent.mkdir(parents=True, exist_ok=True)
-    if folder:
-        staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=target.parent))
-    else:
-        handle, name = tempfile.mkstemp(prefix=".partial-", suffix=target.suffix, dir=target.parent)
-        os.close(handle)
-        staging = Path(name)
+    handle, name = tempfile.mkstemp(prefix=".partial-", suffix=target.suffix, dir=target.parent)
+    os.close(handle)
+    staging = Path(name)
     try:
         yield staging
-        if folder and target.is_dir():
-            shutil.rmtree(target)  # os.replace cannot overwrite a non-empty folder
         os.replace(staging, target)
     except BaseException:
-        if staging.is_dir():
-            shutil.rmtree(staging, ignore_errors=True)
-        else:
-            staging.unlink(missing_ok=True)
+        staging.unlink(missing_ok=True)
         raise

@@ -14,7 +14,7 @@ import os
 import shutil
 from pathlib import Path
 
-from experiments.datasets import cache_dir
+from experiments.cache import cache_dir
 from experiments.errors import UserError
 
 PREFIX = "epoch-"

@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from experiments.cli import boolean
+from experiments.cli import boolean, run_main
 from experiments.errors import UserError
 from experiments.tutorial import TUTORIAL_DATASETS, TUTORIAL_EXPERIMENTS
 
@@ -96,11 +96,11 @@ def test_accuracy(client, run_id: str) -> str:
 def run(args) -> list[dict]:
     import mlflow
 
-    from experiments.tracking import check_tracking_server, default_tracking_uri, use_experiment
+    from experiments.tracking import check_tracking_server, default_tracking_uri, launched_run_id, use_experiment
 
     uri = check_tracking_server()
     mlflow.set_tracking_uri(uri)
-    if not os.environ.get("MLFLOW_RUN_ID"):  # outside `mlflow run`, which owns the experiment
+    if not launched_run_id():  # outside `mlflow run`, which owns the experiment
         use_experiment("tutorial")
     client = mlflow.MlflowClient()
     started = time.perf_counter()
@@ -151,22 +151,18 @@ def parse_args(argv=None):
 
 
 def main(argv=None) -> int:
-    try:
+    def body():
         args = parse_args(argv)
         if args.dry_run:
             args.run_id = "dry-run"
             for n, (title, argv_) in enumerate(steps(args), start=1):
                 print(f"[{n}] {title}" + (f"\n    python -m {' '.join(argv_)}" if argv_ else ""))
-            return 0
-        results = run(args)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    failed = [r["step"] for r in results if r["status"] == "FAILED"]
-    if failed:
-        print(f"error: {len(failed)} step(s) failed: {'; '.join(failed)}; see their child runs", file=sys.stderr)
-        return 1
-    return 0
+            return
+        failed = [r["step"] for r in run(args) if r["status"] == "FAILED"]
+        if failed:
+            raise UserError(f"{len(failed)} step(s) failed: {'; '.join(failed)}; see their child runs", exit_code=1)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

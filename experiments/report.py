@@ -15,8 +15,9 @@ import sys
 import time
 from pathlib import Path
 
+from experiments.cli import run_main
 from experiments.errors import UserError
-from registry.promote import NOT_CANDIDATES  # tuning runs that hold no test-scored model
+from experiments.tracking import ARCH_TAG, DATASET_TAG, NOT_CANDIDATES, SEARCH_ROLE_TAG
 
 REPORT_NAME = "tutorial_vs_ours"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # what `make ui` serves
@@ -54,7 +55,7 @@ def finished_runs(client) -> list[Run]:
             run.info.start_time)
         for run in runs
         if "dataset" in run.data.tags and "test_accuracy" in run.data.metrics
-        and run.data.tags.get("search_role") not in NOT_CANDIDATES
+        and run.data.tags.get(SEARCH_ROLE_TAG) not in NOT_CANDIDATES
     ]
 
 
@@ -215,14 +216,12 @@ def main(argv=None) -> int:
     parser.add_argument("--ui-url", default="", help=f"MLflow UI for run links (default: the tracking server, "
                         f"else {DEFAULT_UI_URL})")
     args = parser.parse_args(argv)
-    try:
-        paths = report(args.output_dir, args.ui_url)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(path)
-    return 0
+
+    def body():
+        for path in report(args.output_dir, args.ui_url):
+            print(path)
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,11 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 
-from experiments.cli import boolean
+from experiments.cli import boolean, run_main
 from experiments.errors import UserError
+from experiments.tracking import launched_run_id
 
 
 def recorded_config(run):
@@ -75,8 +75,9 @@ def reproduce(run_id: str, deterministic: bool | None = None):
     from mlflow.exceptions import MlflowException
 
     from experiments import train as training
+    from experiments.tracking import check_tracking_server
 
-    uri = training.check_tracking_server()
+    uri = check_tracking_server()
     mlflow.set_tracking_uri(uri)
     client = mlflow.MlflowClient()
     try:
@@ -94,23 +95,15 @@ def reproduce(run_id: str, deterministic: bool | None = None):
         print(f"warning: the data differ: test split digest {data.test.digest}, the run had "
               f"{original.data.tags.get('data_digest', 'none')}", file=sys.stderr, flush=True)
     # Under `mlflow run` its launched run (MLFLOW_RUN_ID) is the new run; else one in the original's experiment.
-    launched = os.environ.get("MLFLOW_RUN_ID")
+    launched = launched_run_id()
     with mlflow.start_run(**({} if launched else {"experiment_id": original.info.experiment_id})) as active:
         mlflow.set_tag("reproduces", run_id)
         training.train(config)
     return original, client.get_run(active.info.run_id)
 
 
-def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.splitlines()[0])
-    parser.add_argument("run_id")
-    parser.add_argument("--deterministic", type=boolean, default=None, help="default: as the run was trained")
-    args = parser.parse_args(argv)
-    try:
-        original, new = reproduce(args.run_id, args.deterministic)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+def show(original, new) -> None:
+    """Both runs' test figures, and whether they match."""
     figures = []
     for name, run in (("original", original), ("reproduced", new)):
         metrics = run.data.metrics
@@ -123,7 +116,14 @@ def main(argv=None) -> int:
     else:
         hint = "" if new.data.params.get("deterministic") == "true" else " (not deterministic: --deterministic true)"
         print(f"no match: the test figures differ{hint}")
-    return 0
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m experiments.reproduce", description=__doc__.splitlines()[0])
+    parser.add_argument("run_id")
+    parser.add_argument("--deterministic", type=boolean, default=None, help="default: as the run was trained")
+    args = parser.parse_args(argv)
+    return run_main(lambda: show(*reproduce(args.run_id, args.deterministic)))
 
 
 if __name__ == "__main__":

@@ -283,7 +283,7 @@ class ImageClassifier(mlflow.pyfunc.PythonModel):
             return pixels
         import tensorflow as tf
 
-        # The training pipeline's resize (experiments/datasets.py), so pixels match what the model saw.
+        # The training pipeline's resize (experiments/datasets/decode.py), so pixels match what the model saw.
         resized = tf.image.resize(pixels, (height, width))
         return np.clip(np.round(resized.numpy()), 0, 255).astype(np.uint8)
 

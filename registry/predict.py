@@ -16,9 +16,9 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
+from experiments.cli import run_main
+from experiments.datasets import IMAGE_SUFFIXES
 from experiments.errors import UserError
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp"}
 
 
 def image_files(paths: list[str]) -> list[Path]:
@@ -51,9 +51,9 @@ def predict_files(files: list[Path], url: str = "", model: str = "", batch_size:
 def _load(model: str):
     import mlflow
 
-    from experiments.tracking import default_tracking_uri
+    from experiments.tracking import connect
 
-    mlflow.set_tracking_uri(default_tracking_uri())
+    connect()
     try:
         return mlflow.pyfunc.load_model(model)
     except mlflow.exceptions.MlflowException as exc:
@@ -83,19 +83,18 @@ def main(argv=None) -> int:
     source.add_argument("--model", default="models:/cifar10@champion", help="a model URI to load locally")
     parser.add_argument("--batch-size", type=int, default=32)
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         if args.batch_size < 1:
             raise UserError(f"--batch-size must be at least 1, got {args.batch_size}")
         files = image_files(args.images)
         rows = predict_files(files, args.url, args.model, args.batch_size)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    width = max(len(str(f)) for f in files)
-    print(f"{'file':<{width}}  {'label':<20} confidence")
-    for path, row in zip(files, rows):
-        print(f"{str(path):<{width}}  {row['label']:<20} {row['confidence']:.3f}")
-    return 0
+        width = max(len(str(f)) for f in files)
+        print(f"{'file':<{width}}  {'label':<20} confidence")
+        for path, row in zip(files, rows):
+            print(f"{str(path):<{width}}  {row['label']:<20} {row['confidence']:.3f}")
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

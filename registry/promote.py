@@ -20,18 +20,18 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import os
 import sys
 import tempfile
 from pathlib import Path
 
-from experiments.cli import boolean
+from experiments.cli import boolean, run_main
 from experiments.errors import UserError
+from experiments.tracking import (ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, NOT_CANDIDATES, SEARCH_ROLE_TAG,
+                                  check_tracking_server, connect, launched_run_id)
 
 CHAMPION = "champion"
 CHALLENGER = "challenger"
 CLASSIFIER_CODE = Path(__file__).with_name("classifier.py")
-NOT_CANDIDATES = {"trial", "parent", "resume"}  # tuning runs that hold no test-scored model
 
 
 @dataclasses.dataclass
@@ -99,14 +99,14 @@ def find_candidates(client, dataset: str, metric: str, experiment: str = "") -> 
     return [
         Candidate(
             run_id=run.info.run_id,
-            arch=run.data.tags.get("arch", ""),
+            arch=run.data.tags.get(ARCH_TAG, ""),
             value=run.data.metrics[metric],
-            data_digest=run.data.tags.get("data_digest", ""),
+            data_digest=run.data.tags.get(DATA_DIGEST_TAG, ""),
             git_commit=run.data.tags.get("git_commit", "unknown"),
             start_time=run.info.start_time,
         )
         for run in runs
-        if metric in run.data.metrics and run.data.tags.get("search_role") not in NOT_CANDIDATES
+        if metric in run.data.metrics and run.data.tags.get(SEARCH_ROLE_TAG) not in NOT_CANDIDATES
     ]
 
 
@@ -180,11 +180,8 @@ def rollback(name: str, dry_run: bool = False, client=None) -> Decision:
 def _client():
     import mlflow
 
-    from experiments.tracking import check_tracking_server, default_tracking_uri
-
     check_tracking_server()
-    mlflow.set_tracking_uri(default_tracking_uri())
-    mlflow.set_registry_uri(default_tracking_uri())
+    mlflow.set_registry_uri(connect())
     return mlflow.MlflowClient()
 
 
@@ -211,10 +208,10 @@ def _register(client, name: str, best: Candidate, metric: str):
     uri = log_serving_model(client, best.run_id)
     run = client.get_run(best.run_id)
     tags = {
-        "dataset": run.data.tags.get("dataset", ""),
-        "arch": best.arch,
+        DATASET_TAG: run.data.tags.get(DATASET_TAG, ""),
+        ARCH_TAG: best.arch,
         "test_accuracy": str(run.data.metrics.get("test_accuracy", "")),
-        "data_digest": best.data_digest,
+        DATA_DIGEST_TAG: best.data_digest,
         "git_commit": best.git_commit,
         "source_run": best.run_id,
         metric: str(best.value),
@@ -232,13 +229,13 @@ def _register(client, name: str, best: Candidate, metric: str):
 
 def log_serving_model(client, run_id: str) -> str:
     """Wrap the run's Keras model in the serving pyfunc (registry/classifier.py); log it to the same run."""
-    import importlib.metadata
-
     import mlflow
     import numpy as np
     from mlflow.models import Model, ModelSignature
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
+
+    from experiments.run_logging import pinned_requirements
 
     source = f"runs:/{run_id}/model"
     info = mlflow.models.get_model_info(source)
@@ -273,7 +270,7 @@ def log_serving_model(client, run_id: str) -> str:
             signature=ModelSignature(outputs=outputs),
             input_example=np.zeros((1, *image_shape), np.uint8),  # also checks the wrapper loads and predicts
             metadata={**info.metadata, "input": f"uint8 (N, {', '.join(map(str, image_shape))}) or base64 images"},
-            pip_requirements=[f"{p}=={importlib.metadata.version(p)}" for p in packages],
+            pip_requirements=pinned_requirements(packages),
         )
     return logged.model_uri
 
@@ -295,24 +292,22 @@ def main(argv=None) -> int:
     parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
     parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         if args.rollback:
             decisions = [rollback(args.rollback, args.dry_run)]
         elif args.dataset:
             decisions = promote(args.dataset, args.metric, args.dry_run, args.experiment, args.data_digest)
         else:
             raise UserError("give --dataset NAME to promote, or --rollback NAME")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    if os.environ.get("MLFLOW_RUN_ID"):  # under `mlflow run`: the launcher's run records the decisions
-        import mlflow
+        if launched_run_id():  # under `mlflow run`: the launcher's run records the decisions
+            import mlflow
 
-        client = mlflow.MlflowClient()
-        run_id = os.environ["MLFLOW_RUN_ID"]
-        client.set_tag(run_id, "promotion", "rollback" if args.rollback else "promote")
-        client.log_dict(run_id, [dataclasses.asdict(d) for d in decisions], "promotion.json")
-    return 0
+            client = mlflow.MlflowClient()
+            client.set_tag(launched_run_id(), "promotion", "rollback" if args.rollback else "promote")
+            client.log_dict(launched_run_id(), [dataclasses.asdict(d) for d in decisions], "promotion.json")
+
+    return run_main(body)
 
 
 if __name__ == "__main__":

@@ -12,9 +12,9 @@ import pytest
 from PIL import Image
 
 from experiments.network import free_port  # noqa: F401 - for the tests
+from experiments.tracking import PROJECT_ROOT
 from registry.serve import ServerError, serving
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 SHARED_DATA = Path(os.environ.get("CNN_DATA_DIR") or PROJECT_ROOT.parent / "shared" / "data")
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -221,3 +221,29 @@ def postgres_uri():
         with admin.cursor() as cursor:
             cursor.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
         admin.close()
+
+
+# --- Helpers shared by test modules -------------------------------------------------------------
+
+
+def artifact_paths(run_id: str, path: str = "") -> set[str]:
+    """Every artifact file of a run, as relative paths."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    found = set()
+    for item in client.list_artifacts(run_id, path):
+        found |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
+    return found
+
+
+def trained(data_dir, accuracy=None, arch="cnn_simple", **options) -> str:
+    """A real tiny training run; `accuracy` overrides its test_accuracy to set the ranking."""
+    import mlflow
+
+    from experiments.train import train
+
+    result = train(dataset="cifar10", arch=arch, epochs=1, batch_size=16, data_dir=str(data_dir), **options)
+    if accuracy is not None:
+        mlflow.MlflowClient().log_metric(result.run_id, "test_accuracy", accuracy, step=1)  # the latest value
+    return result.run_id

@@ -161,7 +161,7 @@ def broken_archive(kind: str, folder: Path) -> Path:
     ("tar with ../", r"pets.tar holds an unsafe entry .*; refusing to extract it"),
 ])
 def test_a_broken_or_unsafe_archive_is_refused_and_leaves_nothing_behind(kind, message, tmp_path):
-    from experiments.datasets import cache_dir
+    from experiments.cache import cache_dir
 
     path = broken_archive(kind, tmp_path)
     with pytest.raises(UserError, match=message):

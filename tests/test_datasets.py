@@ -10,6 +10,7 @@ import pytest
 from conftest import make_image_tree, make_npz
 
 from experiments import datasets
+from experiments.cache import cache_dir
 from experiments.datasets import Source, list_datasets, load_dataset, stratified_indices
 from experiments.errors import UserError
 
@@ -101,9 +102,9 @@ def test_archives_are_extracted_once_into_the_cache(image_tree, tmp_path):
     with tarfile.open(archive, "w:gz") as tar:
         tar.add(image_tree, arcname="pets")
     first = load_dataset("folder", data_dir=archive, image_size=8)
-    extracted = list((datasets.cache_dir() / "extracted").iterdir())
+    extracted = list((cache_dir() / "extracted").iterdir())
     second = load_dataset("folder", data_dir=archive, image_size=8)
-    assert extracted == list((datasets.cache_dir() / "extracted").iterdir()) and len(extracted) == 1
+    assert extracted == list((cache_dir() / "extracted").iterdir()) and len(extracted) == 1
     assert first.class_names == ["cat", "dog"] and first.digest == second.digest
 
 
@@ -127,14 +128,14 @@ def test_archive_with_path_traversal_is_refused(tmp_path):
         tar.add(payload, arcname="../escaped.txt")
     with pytest.raises(UserError, match="unsafe"):
         load_dataset("folder", data_dir=archive)
-    assert not (datasets.cache_dir() / "escaped.txt").exists()
+    assert not (cache_dir() / "escaped.txt").exists()
 
 
 def test_failed_download_names_the_url_and_the_local_option(tmp_path):
     source = Source(data_dir=tmp_path, image_size=16, limit=0, seed=0, test_fraction=0.2, hflip=True)
     url = "http://127.0.0.1:9/imagewoof2-160.tgz"  # nothing listens on the discard port
     with pytest.raises(UserError) as err:
-        source.load("imagewoof", ("imagewoof",), datasets._archive_download("nowhere.tgz", url, None), url)
+        source.load("imagewoof", ("imagewoof",), datasets.archive_download("nowhere.tgz", url, None), url)
     message = str(err.value)
     assert url in message and "data_dir" in message and "CNN_DATA_DIR" in message
     assert "\n" not in message

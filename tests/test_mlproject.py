@@ -9,8 +9,7 @@ import sys
 import mlflow
 import numpy as np
 import yaml
-from conftest import PROJECT_ROOT, python_env
-from test_train import artifact_paths
+from conftest import PROJECT_ROOT, artifact_paths, python_env, trained
 
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
@@ -47,6 +46,7 @@ def test_entry_points_and_typed_parameters():
         assert params["learning_rate"]["type"] == "float"
         assert params["data_dir"]["default"] == ""
         assert params["deterministic"] == {"type": "string", "default": "false"}
+        assert params["options"] == params["recipe"] == {"type": "string", "default": "{}"}
         assert entry["command"].startswith("python -m experiments.train --dataset " + name)
         # every declared parameter reaches the command
         assert set(re.findall(r"{(\w+)}", entry["command"])) == set(params), name
@@ -92,6 +92,20 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     assert np.asarray(model.predict(np.zeros((3, 28, 28, 1), np.uint8))).shape == (3, 10)
 
 
+def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_npz_dir, isolated_tracking):
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local", "-P", "arch=convnet",
+         "-P", "limit=30", "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_dir={tiny_npz_dir}",
+         "-P", 'options={"kernel_size": 5, "batch_norm": true}', "-P", 'recipe={"optimizer": "sgd"}'],
+        cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    params = run.data.params
+    assert (params["options.kernel_size"], params["options.batch_norm"], params["recipe.optimizer"]) == ("5", "true", "sgd")
+    assert params["opt_name"].lower() == "sgd"  # autolog saw the recipe's optimizer
+
+
 def test_mlflow_run_with_bad_input_fails_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", ".", "-e", "cifar10", "--env-manager", "local", "-P", "epochs=0"],
@@ -135,7 +149,6 @@ def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_t
 
 def test_promote_and_rollback_entry_points(tmp_path, isolated_tracking):
     from conftest import make_npz
-    from test_registry import trained
 
     make_npz(tmp_path / "cifar10.npz", n_train=40, n_test=20, shape=(32, 32, 3), classes=3)
 

@@ -10,7 +10,8 @@ import pytest
 from conftest import make_npz
 
 from experiments.models import DataSpec, create_model, get_model_entry
-from experiments.train import TrainConfig, _compile, train
+from experiments.fit import compile_model
+from experiments.train import TrainConfig, train
 
 # Small widths keep each test to seconds; the layer structure is the recipe's own.
 RECIPES = {
@@ -27,7 +28,7 @@ def test_one_training_batch_gives_probabilities_and_a_finite_loss(name):
     spec = DataSpec((32, 32, 3), 10)
     model = create_model(name, spec, **RECIPES[name])
     config = TrainConfig(dataset="cifar10", arch=name, epochs=1, batch_size=8)
-    _compile(model, get_model_entry(name).recipe, config, num_train=8)
+    compile_model(model, get_model_entry(name).recipe, config, num_train=8)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 256, size=(8, 32, 32, 3), dtype=np.uint8)
     labels = keras.utils.to_categorical(rng.integers(0, 10, size=8), 10)
@@ -56,7 +57,7 @@ def test_the_same_seed_gives_the_same_first_epoch_loss(name, tmp_path):
 def test_the_recipe_sets_the_sgd_momentum():
     config = TrainConfig(dataset="cifar10", arch="airbench", epochs=1, batch_size=8, recipe={"momentum": 0.85})
     model = create_model("airbench_s", DataSpec((32, 32, 3), 10))
-    _compile(model, config.training_recipe(), config, num_train=8)
+    compile_model(model, config.training_recipe(), config, num_train=8)
     assert model.optimizer.momentum == 0.85 and model.optimizer.nesterov
     assert get_model_entry("airbench").recipe.momentum == 0.9
 

@@ -17,18 +17,10 @@ import pandas as pd
 import pytest
 from PIL import Image
 
-from conftest import PROJECT_ROOT, assert_loopback_only, make_npz, python_env, served
+from conftest import PROJECT_ROOT, assert_loopback_only, make_npz, python_env, served, trained
 from experiments.errors import UserError
 from experiments.train import train
 from registry import promote as registry
-
-
-def trained(data_dir, accuracy=None, arch="cnn_simple", **options) -> str:
-    """A real tiny training run; `accuracy` overrides its test_accuracy to set the ranking."""
-    result = train(dataset="cifar10", arch=arch, epochs=1, batch_size=16, data_dir=str(data_dir), **options)
-    if accuracy is not None:
-        mlflow.MlflowClient().log_metric(result.run_id, "test_accuracy", accuracy, step=1)  # the latest value
-    return result.run_id
 
 
 def champion(name="cifar10") -> str:
@@ -272,7 +264,7 @@ def test_a_model_holding_python_code_is_not_promoted(capsys):
     """safe_mode: a Lambda layer in a logged model is refused, in one line, and nothing is registered."""
     import keras
 
-    from experiments.train import model_signature
+    from experiments.run_logging import model_signature
 
     inputs = keras.Input((32, 32, 3), dtype="uint8")
     outputs = keras.layers.Dense(3, activation="softmax")(

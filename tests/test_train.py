@@ -10,19 +10,11 @@ import keras
 import mlflow
 import numpy as np
 import pytest
-from conftest import PROJECT_ROOT, make_image_tree, python_env
+from conftest import PROJECT_ROOT, artifact_paths, make_image_tree, python_env
 
 from experiments.errors import UserError
 from experiments.models import DataSpec, create_model, list_models
 from experiments.train import TrainConfig, train
-
-
-def artifact_paths(run_id: str, path: str = "") -> set[str]:
-    client = mlflow.MlflowClient()
-    found = set()
-    for item in client.list_artifacts(run_id, path):
-        found |= artifact_paths(run_id, item.path) if item.is_dir else {item.path}
-    return found
 
 
 def test_train_logs_everything_a_run_needs(tiny_npz_dir):
@@ -153,7 +145,7 @@ def test_vgg16_head_caches_features_and_logs_one_image_to_class_model(tmp_path):
 
 
 def test_a_damaged_feature_cache_is_rebuilt_never_read(tmp_path, capsys):
-    from experiments.datasets import cache_dir
+    from experiments.cache import cache_dir
 
     root = make_image_tree(tmp_path / "tree", per_class=(4, 2), size=(40, 40))
     common = dict(dataset="folder", arch="vgg16_head", epochs=1, batch_size=4, data_dir=str(root), image_size=32,
@@ -242,7 +234,7 @@ def test_recalibrated_norm_statistics_are_the_average_over_training_batches(fast
     import tensorflow as tf
 
     from experiments.models import FastBatchNorm
-    from experiments.train import recalibrate_norms
+    from experiments.fit import recalibrate_norms
 
     inputs = keras.Input((4, 4, 3))
     norm = (FastBatchNorm if fast else keras.layers.BatchNormalization)(momentum=0.6)
@@ -265,16 +257,16 @@ def test_recalibrated_norm_statistics_are_the_average_over_training_batches(fast
 def test_batches_and_the_whitening_sample_draw_on_every_class_of_a_class_sorted_split():
     """Folder datasets are stored class by class (CIFAR-10's local copy): each epoch's first batch, and
     the images the patch whitening is fitted on, must still come from every class."""
-    from experiments.datasets import _array_split
-    from experiments.train import _batches, _sample_images
+    from experiments.datasets import array_split, sample_images
+    from experiments.fit import make_batches
 
     labels = np.repeat(np.arange(10), 2400)  # 24,000 images, more than the old 20,000 shuffle buffer
-    split = _array_split(np.broadcast_to(labels[:, None, None, None], (len(labels), 2, 2, 1)).astype(np.uint8), labels)
-    batches = _batches(split, 256, 10, shuffle_seed=0)
+    split = array_split(np.broadcast_to(labels[:, None, None, None], (len(labels), 2, 2, 1)).astype(np.uint8), labels)
+    batches = make_batches(split, 256, 10, shuffle_seed=0)
     for _ in range(2):  # two epochs
         first_batch = next(iter(batches))[1].numpy().argmax(axis=1)
         assert set(first_batch.tolist()) == set(range(10))
-    sample = _sample_images(split, 100)
+    sample = sample_images(split, 100)
     assert len(sample) == 100 and np.bincount(sample[:, 0, 0, 0]).tolist() == [10] * 10
 
 
@@ -401,11 +393,11 @@ def test_take_returns_the_asked_images_in_the_asked_order():
     import tensorflow as tf
 
     from experiments.datasets import Split
-    from experiments.train import _take
+    from experiments.datasets import take_images
 
     images = np.arange(2500, dtype=np.int64).reshape(2500, 1, 1, 1).astype(np.uint16)
     labels = np.zeros(2500, np.int64)
     split = Split(tf.data.Dataset.from_tensor_slices((images, labels)), labels, "digest")
-    picked = _take(split, np.array([2047, 3, 1024, 2499, 3]))
+    picked = take_images(split, np.array([2047, 3, 1024, 2499, 3]))
     assert picked[:, 0, 0, 0].tolist() == [2047, 3, 1024, 2499, 3]
-    assert _take(split, np.array([], np.int64)).shape[0] == 0
+    assert take_images(split, np.array([], np.int64)).shape[0] == 0

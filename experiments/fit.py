@@ -1,0 +1,135 @@
+"""Fitting a Keras model by its recipe: batches, optimizer and loss, model.fit, norm statistics. No MLflow here.
+
+The fit loop knows recipes, not architectures: what a model needs beyond its recipe comes from its
+registry entry's hooks (see experiments/models), which train() passes in as callbacks.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from experiments.datasets import ImageData, Split
+from experiments.models import Recipe
+
+NORM_RECALIBRATION_STEPS = 50  # training batches the norms' statistics are recomputed on after a weight average
+
+
+def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int | None = None):
+    """(images, one-hot labels) batches; one-hot so that label smoothing works for every recipe."""
+    import tensorflow as tf
+
+    images = split.images
+    if shuffle_seed is not None:
+        # A buffer of the whole split: folder datasets are stored class by class, and a smaller buffer
+        # feeds each epoch's first batches from the first classes only, its last batches from the last ones.
+        images = images.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
+    batches = images.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def image_batches(split: Split, batch_size: int):
+    """Image-only batches in split order, for prediction."""
+    return split.images.batch(batch_size).map(lambda x, y: x).prefetch(2)
+
+
+def compile_model(model, recipe: Recipe, config, num_train: int, initial_epoch: int = 0, **compile_options) -> None:
+    """Optimizer, loss and metrics from the recipe; the LR schedule spans the epochs still to run.
+
+    `config.learning_rate` 0 takes the recipe's. `compile_options` go to model.compile (a benchmark's XLA).
+    """
+    import keras
+
+    total_steps = -(-num_train // config.batch_size) * max(1, config.epochs - initial_epoch)
+    peak = config.learning_rate or recipe.learning_rate
+    schedule = peak
+    if recipe.schedule == "cosine":
+        warmup = max(1, int(total_steps * recipe.warmup_fraction))
+        schedule = keras.optimizers.schedules.CosineDecay(
+            initial_learning_rate=0.0,
+            decay_steps=max(1, total_steps - warmup),
+            warmup_target=peak,
+            warmup_steps=warmup,
+        )
+    # Keras keeps the moving average and swaps it into the model when fit() ends. It has no bias
+    # correction, so the average spans at most a tenth of the run: in a short run it would still
+    # hold mostly the initial weights.
+    ema_momentum = min(recipe.ema, max(0.0, 1 - 10 / total_steps))
+    ema = {"use_ema": True, "ema_momentum": ema_momentum} if ema_momentum > 0 else {}
+    if recipe.optimizer == "adamw":
+        optimizer = keras.optimizers.AdamW(schedule, weight_decay=recipe.weight_decay, **ema)
+    elif recipe.optimizer == "sgd":
+        optimizer = keras.optimizers.SGD(
+            schedule, momentum=recipe.momentum, nesterov=True, weight_decay=recipe.weight_decay or None, **ema
+        )
+    else:
+        optimizer = keras.optimizers.Adam(schedule, **ema)
+    loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
+    # Plain TF graphs, not XLA: XLA measured slower for these convnets on the CPU (BENCHMARKS.md, cpu_speed).
+    compile_options = {"jit_compile": False, **compile_options}
+    model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], **compile_options)
+
+
+def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_epoch: int = 0,
+        compiled: bool = False) -> dict:
+    """model.fit on the first split, validated on the second; returns the history dict.
+
+    A model from a checkpoint is `compiled` already: it carries its optimizer, LR schedule position
+    and weight average.
+    """
+    (train_split, _), (validation_split, _) = splits
+    if not compiled:
+        compile_model(model, config.training_recipe(), config, len(train_split), initial_epoch)
+    train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
+    validation_batches = make_batches(validation_split, config.batch_size, data.num_classes)
+    # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
+    history = model.fit(
+        train_batches,
+        validation_data=validation_batches,
+        epochs=config.epochs,
+        initial_epoch=initial_epoch,
+        batch_size=config.batch_size,
+        shuffle=False,  # tf.data shuffles; Keras would warn and ignore it
+        callbacks=callbacks,
+        verbose=2,
+    )
+    if model.optimizer.use_ema:  # a property of the recipe (its weight average), whatever the architecture
+        recalibrate_norms(model, train_batches)
+    return history.history
+
+
+def recalibrate_norms(model, batches, steps: int = NORM_RECALIBRATION_STEPS) -> None:
+    """Set every batch norm's moving statistics to their average over `steps` training batches.
+
+    fit() ends by swapping the weight average into the model, but the norms' statistics were tracked
+    for the last raw weights, over the last few batches only (airbench's momentum 0.6 spans about
+    three). Recomputed for the averaged weights, in training mode (so on augmented images, as in
+    training). Its effect on the 3-minute CIFAR-10 recipe: BENCHMARKS.md, cifar10_airbench_3min.
+    """
+    import keras
+    import tensorflow as tf
+
+    norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]
+    if not norms:
+        return
+    momenta = [norm.momentum for norm in norms]
+    for norm in norms:
+        norm.momentum = 0.0  # each forward pass leaves exactly its own batch's statistics
+    forward = tf.function(lambda images: model(images, training=True))
+    totals = [np.zeros((2, *norm.moving_mean.shape)) for norm in norms]
+    count = 0
+    for images, _ in batches.take(steps):
+        forward(images)
+        for total, norm in zip(totals, norms):
+            total += [norm.moving_mean.numpy(), norm.moving_variance.numpy()]
+        count += 1
+    for norm, total, momentum in zip(norms, totals, momenta):
+        norm.moving_mean.assign(total[0] / count)
+        norm.moving_variance.assign(total[1] / count)
+        norm.momentum = momentum
+
+
+def score_predictions(labels: np.ndarray, probabilities: np.ndarray) -> tuple[float, float]:
+    """Accuracy and plain cross-entropy (comparable across recipes, whatever their training loss)."""
+    accuracy = float(np.mean(probabilities.argmax(axis=1) == labels))
+    picked = np.clip(probabilities[np.arange(len(labels)), labels], 1e-7, 1.0)
+    return accuracy, float(-np.mean(np.log(picked)))

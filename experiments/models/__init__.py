@@ -1,0 +1,143 @@
+"""Model registry: every architecture by name, as a builder function.
+
+Each builder takes a `DataSpec` (input shape, class count, whether horizontal
+flips are label-preserving) and returns an uncompiled Keras model whose input
+is raw uint8 pixels. Rescaling, normalisation and augmentation are layers inside
+the model, so the model that is served is the model that was trained.
+
+Adding an architecture is one decorated function, in a module of this package
+(imported at the bottom of this file, so that it registers):
+
+    from experiments.models import DataSpec, register_model
+    from experiments.models.layers import classifier, pixels
+
+    @register_model(optimizer="adam")
+    def my_net(data: DataSpec, width: int = 64):
+        inputs, x = pixels(data)
+        ...
+        return keras.Model(inputs, classifier(x, data), name="my_net")
+
+Its keyword arguments are the options a run may set (`--options`). `register_model` takes the
+`Recipe` fields, and two optional hooks, so the fit loop never needs a model's name:
+`prepare(model, train_split)`, called once on a newly built model before training (not on one
+resumed from a checkpoint), and `callbacks(model) -> list` of Keras callbacks for its fit.
+
+Modules: `layers` (the project's layers and layer helpers), `inference` (test-time views),
+`tutorial`, `modern` (cnn_modern, xresnet), `airbench`, `vgg16`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Callable
+
+import keras
+
+from experiments.errors import UserError
+
+
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    image_shape: tuple  # (height, width, channels)
+    num_classes: int
+    hflip: bool = True  # False where a mirror image changes the class (digits)
+
+
+@dataclasses.dataclass(frozen=True)
+class Recipe:
+    """How an architecture is trained; `train()` turns it into an optimizer and loss."""
+
+    optimizer: str = "adam"  # "adam", "adamw" or "sgd" (with Nesterov momentum)
+    momentum: float = 0.9  # SGD only
+    learning_rate: float = 0.001  # used unless the run sets learning_rate
+    schedule: str = "constant"  # "constant" or "cosine" (linear warmup, then cosine decay to 0)
+    weight_decay: float = 0.0  # decoupled (AdamW/SGD); ignored by plain Adam
+    warmup_fraction: float = 0.0
+    label_smoothing: float = 0.0
+    ema: float = 0.0  # > 0: keep an exponential moving average of the weights (this momentum) and end on it
+    test_time_flip: bool = False  # serve the average of the predictions for an image and its mirror image
+    # With test_time_flip: also average over the image shifted a pixel up-left and down-right (each with
+    # its mirror), weighted as airbench's multi-crop TTA: half on the image, half on the shifts.
+    test_time_shift: bool = False
+    features: str | None = None  # "vgg16": train a head on cached frozen features
+
+    OPTIMIZERS = ("adam", "adamw", "sgd")
+    SCHEDULES = ("constant", "cosine")
+
+    def updated(self, **changes) -> "Recipe":
+        """A copy with `changes`; unknown names or values are a UserError (they come from users and tuners)."""
+        fields = {f.name for f in dataclasses.fields(self)}
+        unknown = sorted(set(changes) - fields)
+        if unknown:
+            raise UserError(f"unknown recipe option(s) {', '.join(unknown)}; choose from: {', '.join(sorted(fields))}")
+        recipe = dataclasses.replace(self, **changes)
+        if recipe.optimizer not in self.OPTIMIZERS:
+            raise UserError(f"unknown optimizer {recipe.optimizer!r}; choose one of: {', '.join(self.OPTIMIZERS)}")
+        if recipe.schedule not in self.SCHEDULES:
+            raise UserError(f"unknown schedule {recipe.schedule!r}; choose one of: {', '.join(self.SCHEDULES)}")
+        return recipe
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Callable[..., keras.Model]
+    recipe: Recipe
+    description: str
+    # Hooks for the fit loop, None where the model needs nothing:
+    prepare: Callable[[keras.Model, object], None] | None = None  # (model, train Split), on a new model only
+    callbacks: Callable[[keras.Model], list] | None = None  # (model) -> Keras callbacks for its fit
+
+
+MODELS: dict[str, ModelEntry] = {}
+
+
+def register_model(prepare=None, callbacks=None, **recipe):
+    """Register the decorated builder under its name, with its `Recipe(**recipe)` and optional hooks."""
+
+    def decorate(fn):
+        doc = (fn.__doc__ or "").strip().splitlines()
+        MODELS[fn.__name__] = ModelEntry(fn.__name__, fn, Recipe(**recipe), doc[0] if doc else "",
+                                         prepare=prepare, callbacks=callbacks)
+        return fn
+
+    return decorate
+
+
+def list_models() -> list[str]:
+    return sorted(MODELS)
+
+
+def get_model_entry(name: str) -> ModelEntry:
+    if name not in MODELS:
+        raise UserError(f"unknown architecture {name!r}; choose one of: {', '.join(list_models())}")
+    return MODELS[name]
+
+
+def create_model(name: str, data: DataSpec, **kwargs) -> keras.Model:
+    return get_model_entry(name).build(data, **kwargs)
+
+
+# Each architecture registers as its module is imported. The builders are reached by name (create_model,
+# get_model_entry), so the package's `airbench` stays the module, not its builder of the same name.
+from experiments.models import airbench, modern, tutorial, vgg16  # noqa: E402,F401
+
+# The layers, helpers and constants other modules use.
+from experiments.models.layers import (  # noqa: E402
+    AlternatingFlip,
+    FastBatchNorm,
+    augmentation,
+    classifier,
+    conv_bn,
+    dirac_init,
+    dtype_policy,
+    flip_epoch_callbacks,
+    mirror,
+    pixels,
+    portable,
+    shift,
+)
+from experiments.models.inference import inference_model, inference_views  # noqa: E402
+from experiments.models.modern import residual_block  # noqa: E402
+from experiments.models.airbench import AIRBENCH, PATCH_WHITENING, fit_patch_whitening  # noqa: E402
+from experiments.models.vgg16 import VGG16_RGB_MEAN, vgg16_features, vgg16_head_layers  # noqa: E402
