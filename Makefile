@@ -3,7 +3,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: install train tune test ui
+.PHONY: install train tune test test-fast ui
 
 install: $(VENV)/.installed
 
@@ -19,8 +19,11 @@ train: install  ## the tutorial's CIFAR-10 experiment, tracked in ./mlflow.db (A
 tune: install  ## a Keras Tuner search on CIFAR-10 (ARGS="-P tuner=bayesian -P max_trials=20 ...")
 	mlflow run . -e tune_cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
 
-test: install
+test: install  ## every tier
 	python -m pytest -q -n 2 --durations=15 tests
+
+test-fast: install  ## the fast tier, about 2 minutes
+	python -m pytest -q -n 2 -m "not slow" tests
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -26,6 +26,7 @@ import signal
 import subprocess
 import sys
 
+from experiments.cli import run_main
 from experiments.errors import UserError
 from experiments.network import free_port
 
@@ -34,15 +35,16 @@ def launch(workers: int, search_args: list[str], host: str = "127.0.0.1", port: 
     """Start the chief and `workers` workers; wait for all; return the worst exit code."""
     import mlflow
 
-    from experiments.tracking import default_tracking_uri
-    from tuning.search import PARENT_RUN_ENV, check_search_state, parse_args, resolve_parent
+    from experiments.tracking import connect
+    from tuning.search import check_search_state, parse_args
+    from tuning.tracking import PARENT_RUN_ENV, resolve_parent
 
     if workers < 1:
         raise UserError(f"workers must be at least 1, got {workers}")
     config = parse_args(search_args)
     config.validate()
     check_search_state(config)
-    mlflow.set_tracking_uri(default_tracking_uri())
+    connect()
     parent_id, _ = resolve_parent(config)
     base_env = {
         **os.environ,
@@ -82,11 +84,7 @@ def main(argv=None) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="the chief's address (loopback by default)")
     parser.add_argument("--port", type=int, default=0, help="the chief's port (0: a free one)")
     args = parser.parse_args(own)
-    try:
-        return launch(args.workers, search_args, args.host, args.port)
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
+    return run_main(lambda: launch(args.workers, search_args, args.host, args.port))
 
 
 if __name__ == "__main__":
