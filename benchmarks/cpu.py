@@ -10,7 +10,7 @@ import json
 import time
 
 from benchmarks.harness import benchmark
-from experiments.datasets import cache_dir
+from experiments.cache import cache_dir
 
 PEAK_FILE = "peak.json"
 

@@ -21,15 +21,14 @@ import os
 import platform
 import re
 import shlex
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Callable
 
+from experiments.cli import run_main
 from experiments.errors import UserError
+from experiments.tracking import PROJECT_ROOT, git_state
 
-PROJECT_ROOT = Path(__file__).resolve().parent.parent
 EXPERIMENT = "benchmarks"
 
 
@@ -53,7 +52,7 @@ def benchmark(name: str, description: str):
 
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
-    from benchmarks import cpu, determinism, overhead, pipeline, recipes, serving, speed  # noqa: F401
+    from benchmarks import cpu, determinism, overhead, pipeline, recipes, runs, serving, speed  # noqa: F401
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -109,11 +108,9 @@ def machine() -> str:
 
 
 def git_commit() -> str:
-    try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=PROJECT_ROOT, capture_output=True,
-                              text=True, check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
+    """The short commit hash, as BENCHMARKS.md quotes it ("unknown" without git)."""
+    commit = git_state()["git_commit"]
+    return commit if commit == "unknown" else commit[:7]
 
 
 def markdown_table(rows: list[dict]) -> str:
@@ -147,14 +144,14 @@ def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PRO
     """Run one benchmark tracked in MLflow; print its table; write it into `benchmarks_md` (None: do not)."""
     import mlflow
 
-    from experiments.tracking import default_tracking_uri, use_experiment
+    from experiments.tracking import connect, use_experiment
 
     bench = get_benchmark(name)
     options = {**options_of(bench), **(options or {})}
     command = "python -m benchmarks run " + " ".join(  # quoted, so that it pastes into a shell (JSON options)
         [name] + [shlex.quote(f"{k}={v}") for k, v in options.items() if v != options_of(bench)[k]]
     )
-    mlflow.set_tracking_uri(default_tracking_uri())
+    connect()
     use_experiment(EXPERIMENT)
     with mlflow.start_run(run_name=name, description=bench.description) as active:
         mlflow.set_tags({"benchmark": name, "git_commit": git_commit(), "machine": machine()})
@@ -203,15 +200,14 @@ def main(argv: list[str] | None = None) -> int:
     run_parser.add_argument("options", nargs="*", metavar="key=value")
     run_parser.add_argument("--no-write", action="store_true", help="do not update BENCHMARKS.md")
     args = parser.parse_args(argv)
-    try:
+
+    def body():
         if args.command == "list":
             for bench in sorted(BENCHMARKS.values(), key=lambda b: b.name):
                 options = " ".join(f"{k}={v}" for k, v in options_of(bench).items())
                 print(f"{bench.name:20} {bench.description}  [{options}]")
-            return 0
+            return
         bench = get_benchmark(args.name)
         run(bench.name, parse_options(bench, args.options), None if args.no_write else PROJECT_ROOT / "BENCHMARKS.md")
-    except UserError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+
+    return run_main(body)

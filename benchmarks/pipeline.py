@@ -10,11 +10,11 @@ from benchmarks.harness import benchmark
 
 def _training_images_per_s(model, config, split, steps: int) -> float:
     """Images/s that `model` trains at on `split`, through the project's compile path, after a warm-up."""
-    from experiments.train import _batches, _compile
+    from experiments.fit import compile_model, make_batches
 
     recipe = config.training_recipe()
-    _compile(model, recipe, config, steps * config.batch_size)
-    batches = _batches(split, config.batch_size, int(split.labels.max()) + 1).take(steps)
+    compile_model(model, recipe, config, steps * config.batch_size)
+    batches = make_batches(split, config.batch_size, int(split.labels.max()) + 1).take(steps)
     model.fit(batches, epochs=1, verbose=0)
     start = time.perf_counter()
     model.fit(batches, epochs=1, verbose=0)
@@ -59,7 +59,7 @@ def vgg16_features(dataset: str = "imagenette", image_size: int = 160, batch_siz
     from experiments.datasets import load_dataset
     from experiments.models import DataSpec
     from experiments.models import vgg16_features as build_extractor
-    from experiments.train import cached_features, feature_cache_path
+    from experiments.features import cached_features, feature_cache_path
 
     data = load_dataset(dataset, data_dir, image_size, limit)
     # Random weights: the ImageNet file cannot be downloaded here, and the cost is the same.

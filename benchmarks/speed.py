@@ -37,7 +37,8 @@ def probe(arch: str, batch_size: int, steps: int, jit_compile: bool = False, ste
     import numpy as np
 
     from experiments.models import DataSpec, get_model_entry
-    from experiments.train import TrainConfig, _compile
+    from experiments.fit import compile_model
+    from experiments.train import TrainConfig
 
     keras.utils.set_random_seed(0)
     spec = DataSpec((32, 32, 3), 10)
@@ -45,8 +46,8 @@ def probe(arch: str, batch_size: int, steps: int, jit_compile: bool = False, ste
     options = {"precision": precision} if precision != "mixed_bfloat16" else {}
     model = entry.build(spec, **options)
     config = TrainConfig("cifar10", arch, epochs=1, batch_size=batch_size)
-    _compile(model, entry.recipe, config, batch_size * steps, jit_compile=jit_compile,
-             steps_per_execution=steps_per_execution)
+    compile_model(model, entry.recipe, config, batch_size * steps, jit_compile=jit_compile,
+                  steps_per_execution=steps_per_execution)
     rng = np.random.default_rng(0)
     images = rng.integers(0, 255, size=(batch_size * steps, 32, 32, 3), dtype=np.uint8)
     labels = np.eye(10, dtype=np.float32)[rng.integers(0, 10, size=len(images))]

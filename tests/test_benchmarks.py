@@ -6,13 +6,14 @@ Timings are never asserted here; only that each benchmark measures and records w
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
 import mlflow
 import pytest
 
-from benchmarks import cpu, harness, recipes
+from benchmarks import cpu, harness, recipes, runs
 from conftest import PROJECT_ROOT, python_env
 from experiments.errors import UserError
 
@@ -24,6 +25,7 @@ def test_list_names_every_benchmark_with_its_options():
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert "peak" in out.stdout and "tracking_overhead" in out.stdout and "repeats=3" in out.stdout
+    assert "seed_runs" in out.stdout and "tuning_runs" in out.stdout
 
 
 def test_bad_names_and_options_are_one_line_errors():
@@ -131,7 +133,8 @@ def test_cpu_speed_measures_every_option_in_its_own_process(monkeypatch):
 
     monkeypatch.setattr(speed, "VARIANTS", {k: speed.VARIANTS[k] for k in list(speed.VARIANTS)[:2]} | {
         "float32": speed.VARIANTS["float32"], "intra-op threads=1": speed.VARIANTS["intra-op threads=1"]})
-    rows = harness.run("cpu_speed", {"arch": "cnn_modern", "batch_size": 8, "steps": 3}, None)
+    # Smoke size: the smallest architecture that has a float32 option, two steps of four images.
+    rows = harness.run("cpu_speed", {"arch": "airbench_s", "batch_size": 4, "steps": 2}, None)
 
     assert [r["option"] for r in rows] == list(speed.VARIANTS)
     assert rows[0]["ratio_to_baseline"] == 1.0
@@ -173,3 +176,40 @@ def test_determinism_times_off_and_on_alternating_each_in_its_own_process(tiny_c
                                 filter_string="tags.benchmark = 'determinism'")
     assert run.data.metrics["on_ratio_to_off"] == pytest.approx(rows[1]["ratio_to_off"])
     assert "| deterministic | median_s |" in report.read_text() and "Not run yet." not in report.read_text()
+
+
+def test_named_runs_are_the_mlflow_run_commands_the_shell_scripts_ran():
+    # tuning_runs.sh imagenette_steps ran exactly this; an override replaces a value or adds a -P.
+    assert runs.mlflow_run_args(runs.TUNING_EXPERIMENT, runs.with_overrides(runs.TUNING_RUNS["imagenette_steps"], {})) == (
+        "run . --env-manager local --experiment-name benchmarks-tuning -e tune_imagenette -P tuner=bayesian "
+        "-P max_trials=8 -P max_epochs=10 -P limit=6000 -P image_size=128 -P time_budget_minutes=60 "
+        "-P search_name=bench-imagenette-steps").split()
+    assert runs.with_overrides(runs.SEED_RUNS["cifar10_cnn_modern"], {"epochs": 1, "limit": 50}) == (
+        "-e cifar10 -P arch=cnn_modern -P epochs=1 -P learning_rate=0.002 -P limit=50").split()
+    assert runs.with_overrides(runs.SEED_RUNS["mnist_mlp"], {"epochs": 0, "limit": 0}) == ["-e", "mnist", "-P", "arch=mlp"]
+    assert set(harness.options_of(harness.get_benchmark("seed_runs"))["names"].split(",")) == set(runs.SEED_RUNS)
+    with pytest.raises(UserError, match="unknown run 'nope'; choose from: mnist_mlp, mnist_cnn_simple"):
+        runs.seed_runs(names="mnist_mlp,nope")  # before anything runs
+
+
+def test_seed_runs_times_each_named_mlflow_run_and_logs_it(tiny_npz_dir, tmp_path):
+    report = tmp_path / "BENCHMARKS.md"
+    rows = harness.run("seed_runs", {"names": "mnist_mlp", "data_dir": str(tiny_npz_dir), "epochs": 1, "limit": 30},
+                       report)
+
+    (row,) = rows
+    assert row["name"] == "mnist_mlp" and row["exit_code"] == 0 and row["wall_s"] > 0
+    assert row["args"] == "-e mnist -P arch=mlp -P epochs=1 -P limit=30"
+    assert math.isfinite(row["test_accuracy"]) and 0 <= row["test_accuracy"] <= 1
+    # The mlflow run it timed, in the scripts' experiment, with the figure it printed.
+    child = mlflow.get_run(row["mlflow_run"])
+    assert mlflow.get_experiment(child.info.experiment_id).name == "benchmarks-seed"
+    assert child.info.status == "FINISHED" and child.data.params["arch"] == "mlp"
+    assert child.data.metrics["test_accuracy"] == pytest.approx(row["test_accuracy"], abs=1e-4)
+
+    (run,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
+                                filter_string="tags.benchmark = 'seed_runs'")
+    assert run.info.status == "FINISHED" and run.data.params["names"] == "mnist_mlp"
+    assert run.data.metrics["mnist_mlp_test_accuracy"] == pytest.approx(row["test_accuracy"])
+    assert "test_accuracy=" in mlflow.artifacts.load_text(f"{run.info.artifact_uri}/output/mnist_mlp.out")
+    assert "<!-- benchmark:seed_runs -->" in report.read_text() and "run seed_runs names=mnist_mlp" in report.read_text()
