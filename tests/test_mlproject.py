@@ -103,7 +103,7 @@ def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     params = run.data.params
     assert (params["options.kernel_size"], params["options.batch_norm"], params["recipe.optimizer"]) == ("5", "true", "sgd")
-    assert params["opt_name"].lower() == "sgd"  # autolog saw the recipe's optimizer
+    assert params["optimizer_name"].lower() == "sgd"  # autolog saw the recipe's optimizer
 
 
 def test_mlflow_run_with_bad_input_fails_with_one_line():
