@@ -50,11 +50,11 @@ def finished_runs(client) -> list[Run]:
     experiment_ids = [e.experiment_id for e in client.search_experiments()]
     runs = client.search_runs(experiment_ids, "attributes.status = 'FINISHED'", max_results=50_000)
     return [
-        Run(run.info.run_id, run.info.experiment_id, run.info.run_name or run.info.run_id, run.data.tags["dataset"],
-            run.data.tags.get("arch", "?"), run.data.metrics["test_accuracy"], run.data.params.get("epochs", "?"),
+        Run(run.info.run_id, run.info.experiment_id, run.info.run_name or run.info.run_id, run.data.tags[DATASET_TAG],
+            run.data.tags.get(ARCH_TAG, "?"), run.data.metrics["test_accuracy"], run.data.params.get("epochs", "?"),
             run.info.start_time)
         for run in runs
-        if "dataset" in run.data.tags and "test_accuracy" in run.data.metrics
+        if DATASET_TAG in run.data.tags and "test_accuracy" in run.data.metrics
         and run.data.tags.get(SEARCH_ROLE_TAG) not in NOT_CANDIDATES
     ]
 
@@ -196,7 +196,7 @@ def report(output_dir: str | Path = "reports", ui_url: str = "") -> tuple[Path, 
             link = run_link(ui_url, client.get_run(source).info.experiment_id, source, source)
         except MlflowException:  # the source run was deleted
             link = f"{source} (deleted)"
-        rows.append([name, version.version, accuracy, tags.get("arch", ""), link])
+        rows.append([name, version.version, accuracy, tags.get(ARCH_TAG, ""), link])
     lines += table(["model", "version", "test_accuracy", "arch", "source run"], rows) if rows else [
         "No registered models yet: `mlflow run . -e promote --env-manager local -P dataset=<dataset>`."]
     lines += ["", f"![The tutorial's test accuracy vs ours]({REPORT_NAME}.png)", ""]

@@ -17,7 +17,7 @@ import sys
 
 from experiments.cli import boolean, run_main
 from experiments.errors import UserError
-from experiments.tracking import launched_run_id
+from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, launched_run_id
 
 
 def recorded_config(run):
@@ -26,7 +26,7 @@ def recorded_config(run):
 
     from experiments.train import TrainConfig
 
-    if not {"dataset", "arch"} <= set(run.data.tags):
+    if not {DATASET_TAG, ARCH_TAG} <= set(run.data.tags):
         raise UserError(f"run {run.info.run_id} is not a training run (it has no dataset and arch tags)")
     try:
         logged = json.loads(mlflow.artifacts.load_text(f"{run.info.artifact_uri}/config.json"))
@@ -34,7 +34,7 @@ def recorded_config(run):
         logged = {}
     if "train_config" in logged:
         return TrainConfig(**logged["train_config"])
-    flat = {**run.data.params, **logged, "dataset": run.data.tags["dataset"], "arch": run.data.tags["arch"]}
+    flat = {**run.data.params, **logged, "dataset": run.data.tags[DATASET_TAG], "arch": run.data.tags[ARCH_TAG]}
     return TrainConfig(**_typed_fields(TrainConfig(flat["dataset"], flat["arch"]), flat))
 
 
@@ -91,7 +91,7 @@ def reproduce(run_id: str, deterministic: bool | None = None):
     if warning := _code_warning(original):
         print(warning, file=sys.stderr, flush=True)
     data = training.load_data(config)  # train() reuses it
-    if data.test.digest != original.data.tags.get("data_digest"):
+    if data.test.digest != original.data.tags.get(DATA_DIGEST_TAG):
         print(f"warning: the data differ: test split digest {data.test.digest}, the run had "
               f"{original.data.tags.get('data_digest', 'none')}", file=sys.stderr, flush=True)
     # Under `mlflow run` its launched run (MLFLOW_RUN_ID) is the new run; else one in the original's experiment.

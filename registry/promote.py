@@ -121,7 +121,7 @@ def _promote_group(client, name: str, candidates: list[Candidate], metric: str, 
                             f"promote by the metric it was chosen by (default test_accuracy)")
         champion_value = metrics[metric]
     newest = max(candidates, key=lambda c: c.start_time)
-    digest = data_digest or (champion.tags.get("data_digest") if champion else "") or newest.data_digest
+    digest = data_digest or (champion.tags.get(DATA_DIGEST_TAG) if champion else "") or newest.data_digest
     comparable = [c for c in candidates if c.data_digest == digest]
     skipped = len(candidates) - len(comparable)
     note = f" ({skipped} run(s) on another test split not compared)" if skipped else ""

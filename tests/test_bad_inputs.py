@@ -249,6 +249,7 @@ def fill(folder: Path) -> None:
         os.close(descriptor)
 
 
+@pytest.mark.slow
 def test_a_full_cache_costs_checkpoints_and_caches_never_the_run(tmp_path, monkeypatch, tiny_npz_dir, capsys):
     with tmpfs(tmp_path / "full", "96k") as cache:
         monkeypatch.setenv("CNN_CACHE_DIR", str(cache))
@@ -278,6 +279,7 @@ def test_a_full_cache_costs_checkpoints_and_caches_never_the_run(tmp_path, monke
 # --- The tracking server ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_an_unreachable_tracking_server_fails_fast_in_one_line(tiny_cifar, monkeypatch, capsys):
     uri = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)

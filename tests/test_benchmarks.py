@@ -20,6 +20,7 @@ from experiments.errors import UserError
 harness.load_all()
 
 
+@pytest.mark.slow
 def test_list_names_every_benchmark_with_its_options():
     out = subprocess.run([sys.executable, "-m", "benchmarks", "list"], cwd=PROJECT_ROOT, env=python_env(),
                          capture_output=True, text=True, timeout=120)
@@ -28,6 +29,7 @@ def test_list_names_every_benchmark_with_its_options():
     assert "seed_runs" in out.stdout and "tuning_runs" in out.stdout
 
 
+@pytest.mark.slow
 def test_bad_names_and_options_are_one_line_errors():
     out = subprocess.run([sys.executable, "-m", "benchmarks", "run", "nope"], cwd=PROJECT_ROOT, env=python_env(),
                          capture_output=True, text=True, timeout=120)
@@ -69,6 +71,7 @@ def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
     assert len(table["data"]) == 6
 
 
+@pytest.mark.slow
 def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     rows = harness.run("tracking_overhead", {"arch": "cnn_simple", "epochs": 1, "repeats": 2, "batch_size": 32,
@@ -97,6 +100,7 @@ def test_forward_flops_counts_convs_and_dense_layers():
     assert recipes.forward_flops(model) == conv + 2 * (26 * 26 * 25) * 100 + 2 * 100 * 10
 
 
+@pytest.mark.slow
 def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifar, tmp_path):
     harness.run("peak", {"seconds": 0.1, "size": 64, "batch": 1}, None)
     rows = harness.run("cifar10_airbench_3min", {"epochs": 1, "data_dir": str(tiny_cifar), "options": '{"translate_pixels": 1}',
@@ -114,6 +118,7 @@ def test_a_recipe_benchmark_reports_accuracy_time_and_fraction_of_peak(tiny_cifa
     assert row["gflop_per_s"] > 0 and 0 < row["fraction_of_peak"]
 
 
+@pytest.mark.slow
 def test_serving_benchmark_measures_a_real_server_per_worker_count():
     rows = harness.run("serving", {"models": "", "requests": 20, "clients": "1 2", "workers": "1 2"}, None)
 
@@ -128,6 +133,7 @@ def test_serving_benchmark_measures_a_real_server_per_worker_count():
         pytest.approx(rows[-1]["p50_ms"])
 
 
+@pytest.mark.slow
 def test_cpu_speed_measures_every_option_in_its_own_process(monkeypatch):
     from benchmarks import speed
 
@@ -162,6 +168,7 @@ def test_vgg16_features_second_run_reads_the_cache(image_tree):
     assert run.data.tags["feature_cache"] == "hit"  # the second call found the features on disk
 
 
+@pytest.mark.slow
 def test_determinism_times_off_and_on_alternating_each_in_its_own_process(tiny_cifar, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     report.write_text("# Benchmarks\n\n<!-- benchmark:determinism -->\nNot run yet.\n<!-- /benchmark:determinism -->\n")
@@ -192,6 +199,7 @@ def test_named_runs_are_the_mlflow_run_commands_the_shell_scripts_ran():
         runs.seed_runs(names="mnist_mlp,nope")  # before anything runs
 
 
+@pytest.mark.slow
 def test_seed_runs_times_each_named_mlflow_run_and_logs_it(tiny_npz_dir, tmp_path):
     report = tmp_path / "BENCHMARKS.md"
     rows = harness.run("seed_runs", {"names": "mnist_mlp", "data_dir": str(tiny_npz_dir), "epochs": 1, "limit": 30},

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 import numpy as np
 import yaml
 from conftest import PROJECT_ROOT, artifact_paths, python_env, trained
@@ -71,6 +72,7 @@ def test_conda_env_matches_pinned_requirements():
     assert "python=3.11" in conda["dependencies"]
 
 
+@pytest.mark.slow
 def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local",
@@ -92,6 +94,7 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     assert np.asarray(model.predict(np.zeros((3, 28, 28, 1), np.uint8))).shape == (3, 10)
 
 
+@pytest.mark.slow
 def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_npz_dir, isolated_tracking):
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local", "-P", "arch=convnet",
@@ -106,6 +109,7 @@ def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_
     assert params["optimizer_name"].lower() == "sgd"  # autolog saw the recipe's optimizer
 
 
+@pytest.mark.slow
 def test_mlflow_run_with_bad_input_fails_with_one_line():
     proc = subprocess.run(
         [sys.executable, "-m", "mlflow", "run", ".", "-e", "cifar10", "--env-manager", "local", "-P", "epochs=0"],
@@ -116,6 +120,7 @@ def test_mlflow_run_with_bad_input_fails_with_one_line():
     assert "Traceback" not in proc.stderr.split("error: epochs")[0]  # the training process printed no traceback
 
 
+@pytest.mark.slow
 def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_tracking):
     from conftest import make_npz
 
@@ -147,6 +152,7 @@ def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_t
     assert all(r.info.status == "FINISHED" for r in runs)
 
 
+@pytest.mark.slow
 def test_promote_and_rollback_entry_points(tmp_path, isolated_tracking):
     from conftest import make_npz
 

@@ -8,6 +8,7 @@ import time
 
 import mlflow
 import numpy as np
+import pytest
 from conftest import PROJECT_ROOT, make_npz, python_env
 
 from experiments import checkpoints
@@ -21,6 +22,7 @@ def finished_epochs() -> int:
     return max((c.epoch for c in saved if c), default=0)
 
 
+@pytest.mark.slow
 def test_training_outlives_a_30_second_tracking_server_outage(tmp_path, tracking_server):
     make_npz(tmp_path / "mnist.npz", n_train=1200, n_test=100)
     log = open(tmp_path / "train.log", "w")

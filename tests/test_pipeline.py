@@ -6,11 +6,13 @@ import json
 import subprocess
 
 import mlflow
+import pytest
 from conftest import PROJECT_ROOT, make_npz, python_env
 
 from experiments.pipeline import main
 
 
+@pytest.mark.slow
 def test_main_entry_point_runs_every_step_as_a_child_run(tmp_path):
     data = tmp_path / "data"
     data.mkdir()

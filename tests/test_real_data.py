@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import mlflow
 import numpy as np
+import pytest
 from conftest import SHARED_DATA, needs_shared_data
 
 from experiments.datasets import CIFAR10_CLASSES, FASHION_MNIST_CLASSES, IMAGENETTE_CLASSES, load_dataset
@@ -12,6 +13,7 @@ from experiments.train import train
 pytestmark = needs_shared_data
 
 
+@pytest.mark.slow
 def test_mnist_cnn_simple_learns_from_a_slice():
     result = train(dataset="mnist", arch="cnn_simple", epochs=1, limit=3000, data_dir=str(SHARED_DATA))
     run = mlflow.get_run(result.run_id)
@@ -25,6 +27,7 @@ def test_fashion_mnist_loads_with_its_class_names():
     assert data.image_shape == (28, 28, 1) and data.class_names == FASHION_MNIST_CLASSES
 
 
+@pytest.mark.slow
 def test_cifar10_npz_copy_trains_at_native_size_in_keras_label_order():
     # 96 steps of 32: enough to leave chance behind (8 steps of 128 may not).
     result = train(dataset="cifar10", arch="cnn_deep", epochs=3, limit=1000, batch_size=32, data_dir=str(SHARED_DATA))

@@ -40,6 +40,7 @@ def test_one_training_batch_gives_probabilities_and_a_finite_loss(name):
 
 
 @pytest.mark.parametrize("name", RECIPES)
+@pytest.mark.slow
 def test_the_same_seed_gives_the_same_first_epoch_loss(name, tmp_path):
     make_npz(tmp_path / "cifar10.npz", n_train=64, n_test=16, shape=(32, 32, 3), classes=3)
 

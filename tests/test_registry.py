@@ -31,6 +31,7 @@ def versions(name="cifar10") -> dict[str, object]:
     return {str(v.version): v for v in mlflow.MlflowClient().search_model_versions(f"name = '{name}'")}
 
 
+@pytest.mark.slow
 def test_champion_moves_only_on_improvement_and_promotion_is_idempotent(tiny_cifar, tmp_path):
     client = mlflow.MlflowClient()
     first = trained(tiny_cifar, 0.5)
@@ -82,6 +83,7 @@ def test_champion_moves_only_on_improvement_and_promotion_is_idempotent(tiny_cif
     assert decision.action == "unchanged" and "1 run(s) on another test split not compared" in decision.message
 
 
+@pytest.mark.slow
 def test_a_tuning_best_run_competes_and_lower_is_better_for_losses(tiny_cifar):
     plain = trained(tiny_cifar, 0.5)
     best = trained(tiny_cifar, 0.8)
@@ -230,6 +232,7 @@ def test_the_served_model_turns_nagle_off_on_multi_worker_sockets(monkeypatch):
         asyncio.base_events._set_nodelay(unix_sock)  # not TCP: left alone, no error
 
 
+@pytest.mark.slow
 def test_champion_is_served_over_http_in_both_forms_and_rejects_bad_input(tiny_cifar, tmp_path, isolated_tracking):
     trained(tiny_cifar)
     registry.promote("cifar10")
@@ -250,6 +253,7 @@ def test_champion_is_served_over_http_in_both_forms_and_rejects_bad_input(tiny_c
         assert all(len(reply["predictions"]) == 1 for reply in replies)
 
 
+@pytest.mark.slow
 def test_vgg16_head_is_promoted_under_its_own_name_and_served(tiny_cifar, tmp_path, isolated_tracking):
     run_id = trained(tiny_cifar, arch="vgg16_head", weights="none")
     [decision] = registry.promote("cifar10")
@@ -260,6 +264,7 @@ def test_vgg16_head_is_promoted_under_its_own_name_and_served(tiny_cifar, tmp_pa
         check_serving(url, "cifar10-vgg16", images, tmp_path)
 
 
+@pytest.mark.slow
 def test_a_model_holding_python_code_is_not_promoted(capsys):
     """safe_mode: a Lambda layer in a logged model is refused, in one line, and nothing is registered."""
     import keras

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import mlflow
+import pytest
 from PIL import Image
 
 from conftest import free_port
@@ -31,6 +32,7 @@ def row(markdown: str, *cells: str) -> str:
     return found
 
 
+@pytest.mark.slow
 def test_report_compares_tutorial_runs_and_names_champions(tiny_npz_dir, tmp_path, isolated_tracking):
     client = mlflow.MlflowClient()
     mlp = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))

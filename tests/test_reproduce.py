@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import mlflow
+import pytest
 from conftest import PROJECT_ROOT, free_port, python_env
 
 from experiments import reproduce
@@ -21,6 +22,7 @@ def run_module(*args: str) -> subprocess.CompletedProcess:
     return out
 
 
+@pytest.mark.slow
 def test_a_deterministic_run_is_reproduced_exactly(tiny_npz_dir):
     run_module("experiments.train", "--dataset", "mnist", "--arch", "cnn_simple", "--epochs", "2", "--batch-size", "16",
                "--data-dir", str(tiny_npz_dir), "--seed", "5", "--deterministic", "true")

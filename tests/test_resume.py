@@ -23,6 +23,7 @@ def steps(run_id: str, metric: str) -> list[int]:
     return [m.step for m in mlflow.MlflowClient().get_metric_history(run_id, metric)]
 
 
+@pytest.mark.slow
 def test_a_sigkilled_training_run_resumes_in_the_same_run(tmp_path):
     make_npz(tmp_path / "mnist.npz", n_train=240, n_test=40)
     command = [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "cnn_simple",
@@ -72,6 +73,7 @@ class StopAfter(keras.callbacks.Callback):
             raise RuntimeError("power cut")
 
 
+@pytest.mark.slow
 def test_a_run_with_a_checkpoint_continues_by_itself_when_reopened(tiny_npz_dir, monkeypatch):
     config = TrainConfig(dataset="mnist", arch="cnn_simple", epochs=5, batch_size=16, data_dir=str(tiny_npz_dir))
     mlflow.set_experiment("mnist")

@@ -25,6 +25,7 @@ def status(url: str, user: str = "", password: str = "") -> int:
         return exc.code
 
 
+@pytest.mark.slow
 def test_the_basic_auth_server_refuses_unauthenticated_requests(tmp_path, monkeypatch):
     config = tmp_path / "basic_auth.ini"
     config.write_text(

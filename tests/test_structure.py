@@ -40,7 +40,7 @@ def test_files_and_functions_stay_small(path):
 
 
 def private_imports(path: Path) -> list[str]:
-    """`from x import _name`, and `module._name` where `module` was imported: another module's private name."""
+    """Imports of another module's private (underscore) names, by `from` import or as `module.<name>` attributes."""
     tree = parse(path)
     found, modules = [], set()
     for node in ast.walk(tree):

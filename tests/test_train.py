@@ -92,6 +92,7 @@ def test_logged_model_takes_uint8_and_predicts_like_the_trained_model(tiny_npz_d
         loaded.predict(batch.astype(np.float64))  # the signature is enforced
 
 
+@pytest.mark.slow
 def test_cnn_modern_serves_the_average_over_each_image_and_its_mirror(tmp_path):
     from conftest import make_npz
 
@@ -111,6 +112,7 @@ def test_cnn_modern_serves_the_average_over_each_image_and_its_mirror(tmp_path):
     assert run.data.metrics["test_accuracy"] == pytest.approx(accuracy)
 
 
+@pytest.mark.slow
 def test_folder_run_counts_skipped_images(tmp_path):
     root = make_image_tree(tmp_path / "tree", classes=("red", "blue", "green"))
     (root / "train" / "red" / "broken.jpg").write_bytes(b"\xff\xd8\xff truncated")
@@ -123,6 +125,7 @@ def test_folder_run_counts_skipped_images(tmp_path):
     assert np.asarray(loaded.predict(np.zeros((2, 32, 32, 3), np.uint8))).shape == (2, 3)
 
 
+@pytest.mark.slow
 def test_vgg16_head_caches_features_and_logs_one_image_to_class_model(tmp_path):
     root = make_image_tree(tmp_path / "tree", per_class=(4, 2), size=(40, 40))
     common = dict(dataset="folder", arch="vgg16_head", epochs=1, batch_size=4, data_dir=str(root), image_size=32,
@@ -144,6 +147,7 @@ def test_vgg16_head_caches_features_and_logs_one_image_to_class_model(tmp_path):
     assert any(layer.name == "vgg16" for layer in first.model.layers)  # the base is inside the served model
 
 
+@pytest.mark.slow
 def test_a_damaged_feature_cache_is_rebuilt_never_read(tmp_path, capsys):
     from experiments.cache import cache_dir
 
@@ -185,6 +189,7 @@ def test_patch_whitening_decorrelates_the_first_layers_input():
     assert 0.9 < np.diag(covariance).max() <= 1.01  # unit variance along the strong directions
 
 
+@pytest.mark.slow
 def test_airbench_trains_through_train_with_its_recipe(tmp_path):
     from conftest import make_npz
 
@@ -281,6 +286,7 @@ def test_shift_moves_images_a_pixel_with_a_reflected_border(rows, cols):
     np.testing.assert_array_equal(moved, padded[:, 1 - rows : 9 - rows, 1 - cols : 7 - cols])
 
 
+@pytest.mark.slow
 def test_alternating_flip_mirrors_each_training_image_every_other_epoch(tmp_path):
     from conftest import make_npz
 
@@ -371,6 +377,7 @@ def test_folder_with_one_class_fails_before_training(tmp_path):
     assert mlflow.search_runs(search_all_experiments=True).empty
 
 
+@pytest.mark.slow
 def test_command_line_prints_one_line_and_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "lenet", "--epochs", "1"],

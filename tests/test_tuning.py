@@ -37,6 +37,7 @@ TUTORIAL_POINT = {  # cnn_deep with the tutorial's recipe, as params are logged 
 
 
 @pytest.mark.parametrize("tuner", ["hyperband", "bayesian", "random"])
+@pytest.mark.slow
 def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
     result = run_search(SearchConfig("cifar10", tuner=tuner, max_trials=3, max_epochs=2, data_dir=str(tiny_cifar)))
     client = mlflow.MlflowClient()
@@ -165,6 +166,7 @@ class FailSecondTrial:
         return Callback()
 
 
+@pytest.mark.slow
 def test_a_failing_trial_is_failed_with_its_error_and_the_search_goes_on(tiny_cifar):
     run_search(SearchConfig("cifar10", tuner="random", max_trials=3, max_epochs=1, data_dir=str(tiny_cifar)),
                callbacks=[FailSecondTrial()])
@@ -181,6 +183,7 @@ def test_a_failing_trial_is_failed_with_its_error_and_the_search_goes_on(tiny_ci
     assert best.data.tags["trial_id"] in ("0", "2")
 
 
+@pytest.mark.slow
 def test_time_budget_stops_the_search_cleanly_and_reports_what_it_has(tiny_cifar, capsys):
     started = time.time()
     result = run_search(SearchConfig("cifar10", tuner="random", max_trials=50, max_epochs=50, patience=50,
@@ -207,6 +210,7 @@ def test_images_too_small_for_the_space_fail_in_one_line(tmp_path, capsys):
         "8 pixels); use a larger image_size"]
 
 
+@pytest.mark.slow
 def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_path, isolated_tracking):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -255,6 +259,7 @@ def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_p
     assert len(search_runs(client, best="true")) == 1
 
 
+@pytest.mark.slow
 def test_distributed_chief_and_two_workers_log_every_trial_once(tmp_path, tiny_cifar, tracking_server):
     uri = tracking_server.uri
     env = {**python_env(), "MLFLOW_TRACKING_URI": uri}

@@ -29,10 +29,10 @@ CHROMEDRIVER = shutil.which("chromedriver")
 SCREENSHOTS = PROJECT_ROOT / "test-artifacts" / "ui"
 TIMEOUT = 120  # seconds for a page to show what it should: a page took 50 s on this 2-core machine at load 18
 
-pytestmark = pytest.mark.skipif(
+pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     not (CHROMIUM and CHROMEDRIVER),
     reason="no chromium/chromedriver on PATH: apt-get install chromium chromium-driver",
-)
+)]
 
 
 @pytest.fixture
