@@ -64,7 +64,8 @@ def compile_model(model, recipe: Recipe, config, num_train: int, initial_epoch: 
     else:
         optimizer = keras.optimizers.Adam(schedule, **ema)
     loss = keras.losses.CategoricalCrossentropy(label_smoothing=recipe.label_smoothing)
-    # Plain TF graphs, not XLA: XLA measured slower for these convnets on the CPU (BENCHMARKS.md, cpu_speed).
+    # Plain TF graphs, not XLA ("auto" picks XLA here): XLA measured slower for these convnets on the CPU
+    # (BENCHMARKS.md, "Speed notes measured while building this" and "CPU options").
     compile_options = {"jit_compile": False, **compile_options}
     model.compile(optimizer=optimizer, loss=loss, metrics=["accuracy"], **compile_options)
 
