@@ -19,6 +19,7 @@ import signal
 import sys
 import time
 
+from experiments.cache import atomic_path
 from experiments.cli import add_config_flags, run_main
 from experiments.errors import UserError
 from experiments.tracking import (
@@ -105,10 +106,8 @@ def check_search_state(config: SearchConfig) -> None:
                     f"use another search_name, or tuner={owner['tuner']} dataset={owner['dataset']} to resume it"
                 )
     else:
-        meta.parent.mkdir(parents=True, exist_ok=True)
-        tmp = meta.with_suffix(".partial")
-        tmp.write_text(json.dumps({"dataset": config.dataset, "tuner": config.tuner}))
-        os.replace(tmp, meta)
+        with atomic_path(meta) as staging:  # workers starting together never read a half-written file
+            staging.write_text(json.dumps({"dataset": config.dataset, "tuner": config.tuner}))
 
 
 # --- The search --------------------------------------------------------------------------------------

@@ -31,7 +31,6 @@ from typing import Callable
 
 import numpy as np
 
-from experiments.cache import cache_dir, check_cache_writable, file_key  # noqa: F401 - re-exported
 from experiments.errors import UserError
 
 
@@ -216,7 +215,6 @@ from experiments.datasets.catalog import (  # noqa: E402
 __all__ = [
     "Split", "ImageData", "Source", "DatasetEntry", "DATASETS", "register_dataset", "takes_image_size",
     "list_datasets", "load_dataset", "check_dataset_args",
-    "cache_dir", "check_cache_writable", "file_key",
     "array_split", "from_arrays", "from_npz",
     "IMAGE_SUFFIXES", "dataset_root", "find_local", "from_folder", "unpack",
     "holdout", "sample_images", "split_train_test", "stratified_indices", "take_images",
