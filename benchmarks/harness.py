@@ -25,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
+from experiments.cache import atomic_path
 from experiments.cli import run_main
 from experiments.errors import UserError
 from experiments.tracking import PROJECT_ROOT, git_state
@@ -135,9 +136,8 @@ def update_benchmarks_md(name: str, body: str, path: Path = PROJECT_ROOT / "BENC
         text = text[: text.index(start)] + section + text[text.index(end) + len(end):]
     else:
         text = text.rstrip("\n") + f"\n\n### `{name}`\n\n{section}\n"
-    tmp = path.with_suffix(".md.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as staging:
+        staging.write_text(text)
 
 
 def run(name: str, options: dict | None = None, benchmarks_md: Path | None = PROJECT_ROOT / "BENCHMARKS.md") -> list[dict]:
