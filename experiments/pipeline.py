@@ -96,7 +96,8 @@ def test_accuracy(client, run_id: str) -> str:
 def run(args) -> list[dict]:
     import mlflow
 
-    from experiments.tracking import check_tracking_server, default_tracking_uri, launched_run_id, use_experiment
+    from experiments.tracking import (check_tracking_server, default_tracking_uri, launched_run_id,
+                                      mark_experiment_kind, use_experiment)
 
     uri = check_tracking_server()
     mlflow.set_tracking_uri(uri)
@@ -105,6 +106,7 @@ def run(args) -> list[dict]:
     client = mlflow.MlflowClient()
     started = time.perf_counter()
     with mlflow.start_run() as parent:
+        mark_experiment_kind(parent.info.experiment_id)
         args.run_id = parent.info.run_id
         mlflow.set_tags({"mlflow.runName": f"tutorial-end-to-end-{time.strftime('%Y%m%d-%H%M%S')}",
                          "mlflow.note.content": "The tutorial end to end at a small budget: each step is a child run."})

@@ -25,6 +25,9 @@ SEARCH_ROLE_TAG = "search_role"
 TRIAL_ID_TAG = "trial_id"
 ROLE_PARENT, ROLE_TRIAL, ROLE_BEST, ROLE_RESUME = "parent", "trial", "best", "resume"
 NOT_CANDIDATES = {ROLE_TRIAL, ROLE_PARENT, ROLE_RESUME}  # search runs that hold no test-scored model
+# Without this tag MLflow 3's UI opens an experiment in its GenAI view; the value is the model-training
+# view's, as the pinned MLflow's UI bundle spells it.
+EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 
 
 def default_tracking_uri() -> str:
@@ -54,11 +57,26 @@ def open_run(experiment: str, run_id: str | None = None):
     if mlflow.active_run() is not None:
         return contextlib.nullcontext(mlflow.active_run())
     connect()
-    if run_id:
-        return mlflow.start_run(run_id=run_id)
-    if not launched_run_id():  # `mlflow run` owns the experiment; otherwise one per dataset
+    if not run_id and not launched_run_id():  # `mlflow run` owns the experiment; otherwise one per dataset
         use_experiment(experiment)
-    return mlflow.start_run()
+    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run()
+    mark_experiment_kind(run.info.experiment_id)  # `mlflow run`'s experiment too
+    return run
+
+
+def mark_experiment_kind(experiment_id: str) -> None:
+    """Have the UI open the experiment in its model-training view, unless the user chose another kind."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    client = mlflow.MlflowClient()
+    if EXPERIMENT_KIND_TAG in client.get_experiment(experiment_id).tags:
+        return
+    try:
+        client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
+    except MlflowException:  # workers starting together: another one set it first
+        if EXPERIMENT_KIND_TAG not in client.get_experiment(experiment_id).tags:
+            raise
 
 
 def check_tracking_server(uri: str = "") -> str:
@@ -96,7 +114,9 @@ def use_experiment(name: str) -> str:
         except MlflowException as exc:
             if exc.error_code != "RESOURCE_ALREADY_EXISTS":
                 raise
-    return mlflow.set_experiment(name).experiment_id
+    experiment_id = mlflow.set_experiment(name).experiment_id
+    mark_experiment_kind(experiment_id)
+    return experiment_id
 
 
 def git_state() -> dict:

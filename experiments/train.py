@@ -18,7 +18,7 @@ from pathlib import Path
 from experiments import checkpoints, fit, run_logging
 from experiments.cache import check_cache_writable
 from experiments.cli import add_config_flags, boolean, run_main
-from experiments.datasets import ImageData, check_dataset_args, holdout, list_datasets, load_dataset
+from experiments.datasets import ImageData, check_dataset_args, default_arch, holdout, list_datasets, load_dataset
 from experiments.errors import UserError
 from experiments.features import fit_vgg16_head
 from experiments.models import DataSpec, Recipe, get_model_entry, inference_model, list_models
@@ -223,12 +223,14 @@ def load_data(config: TrainConfig) -> ImageData:
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(list_datasets())}")
-    parser.add_argument("--arch", required=True, help=f"one of: {', '.join(list_models())}")
+    parser.add_argument("--arch", default="", help=f"one of: {', '.join(list_models())} (default: the dataset's "
+                        "tutorial architecture, as in MLproject)")
     add_config_flags(parser, TrainConfig, skip=("dataset", "arch"))
     parser.add_argument("--resume", type=boolean, default=False,
                         help="continue the newest killed run of these settings from its last finished epoch")
     args = vars(parser.parse_args(argv))
     resume = args.pop("resume")
+    args["arch"] = args["arch"] or default_arch(args["dataset"])
     return TrainConfig(**args), resume
 
 

@@ -12,6 +12,8 @@ import numpy as np
 import yaml
 from conftest import PROJECT_ROOT, artifact_paths, python_env, trained
 
+from experiments.datasets import default_arch
+
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
 REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment"}, "rollback": {"model_name"}}
@@ -48,6 +50,7 @@ def test_entry_points_and_typed_parameters():
         assert params["data_dir"]["default"] == ""
         assert params["deterministic"] == {"type": "string", "default": "false"}
         assert params["options"] == params["recipe"] == {"type": "string", "default": "{}"}
+        assert params["arch"]["default"] == default_arch(name)  # as `python -m experiments.train` without --arch
         assert entry["command"].startswith("python -m experiments.train --dataset " + name)
         # every declared parameter reaches the command
         assert set(re.findall(r"{(\w+)}", entry["command"])) == set(params), name
@@ -88,6 +91,8 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     assert "accuracy" in run.data.metrics  # autolog was not silently skipped by a param clash
     assert run.data.params["limit"] == "30" and run.data.params["num_train"] == "30"
     assert run.data.tags["dataset"] == "mnist" and run.data.tags["arch"] == "cnn_simple"
+    # `mlflow run` made the experiment; the training still has the UI open it in the model-training view.
+    assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= artifact_paths(run.info.run_id)
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.signature.inputs.inputs[0].type == np.dtype("uint8")
@@ -146,6 +151,7 @@ def test_tune_entry_point_runs_and_resumes_under_one_parent(tmp_path, isolated_t
     [parent] = by_role["parent"]
     [resume] = by_role["resume"]  # the second `mlflow run` is filed under the first as a resume record
     assert parent.data.params["tuner"] == "random" and parent.info.status == "FINISHED"
+    assert mlflow.get_experiment(parent.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert resume.data.tags["mlflow.parentRunId"] == parent.info.run_id and resume.info.status == "FINISHED"
     assert sorted(r.data.tags["trial_id"] for r in by_role["trial"]) == ["0", "1", "2"]
     assert all(r.data.tags["mlflow.parentRunId"] == parent.info.run_id for r in by_role["trial"] + by_role["best"])

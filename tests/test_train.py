@@ -21,7 +21,9 @@ def test_train_logs_everything_a_run_needs(tiny_npz_dir):
     result = train(dataset="mnist", arch="cnn_simple", epochs=2, batch_size=16, data_dir=str(tiny_npz_dir), seed=7)
     run = mlflow.get_run(result.run_id)
     assert run.info.status == "FINISHED"
-    assert mlflow.get_experiment(run.info.experiment_id).name == "mnist"  # one experiment per dataset
+    experiment = mlflow.get_experiment(run.info.experiment_id)
+    assert experiment.name == "mnist"  # one experiment per dataset
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"  # the UI's model-training view
 
     # Evaluation: exactly the figures train() returned.
     assert run.data.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
@@ -378,6 +380,24 @@ def test_folder_with_one_class_fails_before_training(tmp_path):
 
 
 @pytest.mark.slow
+def test_a_kind_the_user_gave_the_experiment_is_left_alone(tiny_npz_dir):
+    mlflow.create_experiment("mnist", tags={"mlflow.experimentKind": "genai_development"})
+    result = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    experiment = mlflow.get_experiment(mlflow.get_run(result.run_id).info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "genai_development"
+
+
+@pytest.mark.parametrize("dataset, arch", [("mnist", "cnn_simple"), ("fashion_mnist", "cnn_simple"),
+                                           ("cifar10", "cnn_deep"), ("cifar100", "cnn_deep"),
+                                           ("imagenette", "cnn_basic"), ("folder", "cnn_basic")])
+def test_the_command_line_trains_the_datasets_tutorial_architecture_without_arch(dataset, arch):
+    from experiments.train import parse_args
+
+    config, _ = parse_args(["--dataset", dataset])
+    assert config.arch == arch
+    assert parse_args(["--dataset", dataset, "--arch", "mlp"])[0].arch == "mlp"
+
+
 def test_command_line_prints_one_line_and_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "lenet", "--epochs", "1"],

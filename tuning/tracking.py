@@ -15,6 +15,7 @@ from experiments.tracking import (
     SEARCH_ROLE_TAG,
     TRIAL_ID_TAG,
     launched_run_id,
+    mark_experiment_kind,
     use_experiment,
 )
 from tuning.spaces import get_space
@@ -39,6 +40,7 @@ class Tracker:
         self.client = mlflow.MlflowClient()
         self.parent = self.client.get_run(parent_run_id)
         self.experiment_id = self.parent.info.experiment_id
+        mark_experiment_kind(self.experiment_id)  # `mlflow run`'s experiment too
         self.runs: dict[str, str] = {}  # trial id -> child run id, for this process's trials
 
     def children(self, role: str | None = None) -> list:

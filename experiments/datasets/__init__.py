@@ -130,17 +130,24 @@ class DatasetEntry:
     hflip: bool  # False where a mirror image changes the class (digits)
     native_size: int | None  # fixed-size datasets keep it, even from a folder copy; others take image_size
     channels: int
+    default_arch: str  # what `python -m experiments.train` and the MLproject entry point train without --arch
 
 
 DATASETS: dict[str, DatasetEntry] = {}
 
 
-def register_dataset(hflip: bool = True, native_size: int | None = None, channels: int = 3):
+def register_dataset(hflip: bool = True, native_size: int | None = None, channels: int = 3,
+                     default_arch: str = "cnn_basic"):
     def decorate(fn):
-        DATASETS[fn.__name__] = DatasetEntry(fn, hflip, native_size, channels)
+        DATASETS[fn.__name__] = DatasetEntry(fn, hflip, native_size, channels, default_arch)
         return fn
 
     return decorate
+
+
+def default_arch(name: str) -> str:
+    """The tutorial's architecture for a dataset (unknown names fail later, in one line, with the choices)."""
+    return DATASETS[name].default_arch if name in DATASETS else ""
 
 
 def takes_image_size(name: str) -> bool:
@@ -214,7 +221,7 @@ from experiments.datasets.catalog import (  # noqa: E402
 
 __all__ = [
     "Split", "ImageData", "Source", "DatasetEntry", "DATASETS", "register_dataset", "takes_image_size",
-    "list_datasets", "load_dataset", "check_dataset_args",
+    "list_datasets", "load_dataset", "check_dataset_args", "default_arch",
     "array_split", "from_arrays", "from_npz",
     "IMAGE_SUFFIXES", "dataset_root", "find_local", "from_folder", "unpack",
     "holdout", "sample_images", "split_train_test", "stratified_indices", "take_images",

@@ -57,25 +57,25 @@ def _keras_dataset(source: Source, name: str, classes: list[str], url: str, loca
     return source.load(name, (name, *local), download, url, classes)
 
 
-@register_dataset(hflip=False, native_size=28, channels=1)
+@register_dataset(hflip=False, native_size=28, channels=1, default_arch="cnn_simple")
 def mnist(source: Source) -> ImageData:
     url = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/mnist.npz"
     return _keras_dataset(source, "mnist", MNIST_CLASSES, url)
 
 
-@register_dataset(hflip=True, native_size=28, channels=1)
+@register_dataset(hflip=True, native_size=28, channels=1, default_arch="cnn_simple")
 def fashion_mnist(source: Source) -> ImageData:
     url = "https://storage.googleapis.com/tensorflow/tf-keras-datasets/"
     return _keras_dataset(source, "fashion_mnist", FASHION_MNIST_CLASSES, url, ("fashion-mnist",))
 
 
-@register_dataset(hflip=True, native_size=32)
+@register_dataset(hflip=True, native_size=32, default_arch="cnn_deep")
 def cifar10(source: Source) -> ImageData:
     url = "https://www.cs.toronto.edu/~kriz/cifar-10-python.tar.gz"
     return _keras_dataset(source, "cifar10", CIFAR10_CLASSES, url, ("cifar-10",))
 
 
-@register_dataset(hflip=True, native_size=32)
+@register_dataset(hflip=True, native_size=32, default_arch="cnn_deep")
 def cifar100(source: Source) -> ImageData:
     url = "https://www.cs.toronto.edu/~kriz/cifar-100-python.tar.gz"
     return _keras_dataset(source, "cifar100", CIFAR100_CLASSES, url, ("cifar-100",))
