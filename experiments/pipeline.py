@@ -96,17 +96,12 @@ def test_accuracy(client, run_id: str) -> str:
 def run(args) -> list[dict]:
     import mlflow
 
-    from experiments.tracking import (check_tracking_server, default_tracking_uri, launched_run_id,
-                                      mark_experiment_kind, use_experiment)
+    from experiments.tracking import check_tracking_server, default_tracking_uri, open_run
 
-    uri = check_tracking_server()
-    mlflow.set_tracking_uri(uri)
-    if not launched_run_id():  # outside `mlflow run`, which owns the experiment
-        use_experiment("tutorial")
-    client = mlflow.MlflowClient()
+    check_tracking_server()
     started = time.perf_counter()
-    with mlflow.start_run() as parent:
-        mark_experiment_kind(parent.info.experiment_id)
+    with open_run("tutorial") as parent:  # `mlflow run`'s run, else a new one in the experiment "tutorial"
+        client = mlflow.MlflowClient()
         args.run_id = parent.info.run_id
         mlflow.set_tags({"mlflow.runName": f"tutorial-end-to-end-{time.strftime('%Y%m%d-%H%M%S')}",
                          "mlflow.note.content": "The tutorial end to end at a small budget: each step is a child run."})

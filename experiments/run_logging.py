@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments import evaluate
 from experiments.datasets import ImageData, take_images, takes_image_size
 from experiments.models import Recipe, get_model_entry
 from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, TRIAL_ID_TAG, git_state
@@ -154,6 +153,8 @@ def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, ac
     """Test figures, the per-class table, the confusion matrix, and the plots."""
     import matplotlib.pyplot as plt
     import mlflow
+
+    from experiments import evaluate  # matplotlib: only when a run ends, not at every command's start-up
 
     labels = data.test.labels
     predictions = probabilities.argmax(axis=1)

@@ -57,11 +57,12 @@ def open_run(experiment: str, run_id: str | None = None):
     if mlflow.active_run() is not None:
         return contextlib.nullcontext(mlflow.active_run())
     connect()
-    if not run_id and not launched_run_id():  # `mlflow run` owns the experiment; otherwise one per dataset
-        use_experiment(experiment)
-    run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run()
-    mark_experiment_kind(run.info.experiment_id)  # `mlflow run`'s experiment too
-    return run
+    if run_id or launched_run_id():  # a run to reopen, or `mlflow run`'s: their experiment is not ours to pick
+        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run()
+        mark_experiment_kind(run.info.experiment_id)
+        return run
+    use_experiment(experiment)  # one per dataset (it marks the kind)
+    return mlflow.start_run()
 
 
 def mark_experiment_kind(experiment_id: str) -> None:

@@ -113,10 +113,11 @@ def train(
     if track and mlflow.active_run() is None:
         check_tracking_server()
     data = load_data(config)
-    if model is not None and config.training_recipe().features:
+    on_features = bool(config.training_recipe().features)
+    if model is not None and on_features:
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
     # A tuner trial (it passes its model) has Keras Tuner's checkpoints; a VGG16 head retrains in seconds.
-    checkpointed = track and model is None and evaluate and not config.training_recipe().features
+    checkpointed = track and model is None and evaluate and not on_features
     active = mlflow.active_run()
     checkpoint = checkpoints.find(config, active.info.run_id if active else launched_run_id(),
                                   resume) if checkpointed else None

@@ -19,7 +19,6 @@ from PIL import Image
 
 from conftest import PROJECT_ROOT, assert_loopback_only, make_npz, python_env, served, trained
 from experiments.errors import UserError
-from experiments.train import train
 from registry import promote as registry
 
 

@@ -398,6 +398,13 @@ def test_the_command_line_trains_the_datasets_tutorial_architecture_without_arch
     assert parse_args(["--dataset", dataset, "--arch", "mlp"])[0].arch == "mlp"
 
 
+def test_an_unknown_dataset_without_arch_is_named_as_the_problem():
+    from experiments.train import parse_args
+
+    with pytest.raises(UserError, match=r"^unknown dataset 'svhn'; choose one of: caltech101, cifar10"):
+        parse_args(["--dataset", "svhn"])
+
+
 def test_command_line_prints_one_line_and_no_traceback():
     proc = subprocess.run(
         [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "lenet", "--epochs", "1"],

@@ -145,9 +145,15 @@ def register_dataset(hflip: bool = True, native_size: int | None = None, channel
     return decorate
 
 
+def dataset_entry(name: str) -> DatasetEntry:
+    if name not in DATASETS:
+        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    return DATASETS[name]
+
+
 def default_arch(name: str) -> str:
-    """The tutorial's architecture for a dataset (unknown names fail later, in one line, with the choices)."""
-    return DATASETS[name].default_arch if name in DATASETS else ""
+    """The tutorial's architecture for a dataset."""
+    return dataset_entry(name).default_arch
 
 
 def takes_image_size(name: str) -> bool:
@@ -183,8 +189,7 @@ def load_dataset(
 
 
 def check_dataset_args(name, data_dir, image_size, limit, test_fraction) -> None:
-    if name not in DATASETS:
-        raise UserError(f"unknown dataset {name!r}; choose one of: {', '.join(list_datasets())}")
+    dataset_entry(name)
     if limit < 0:
         raise UserError(f"limit must be 0 (whole training split) or a positive count, got {limit}")
     if image_size < 8:
@@ -221,7 +226,7 @@ from experiments.datasets.catalog import (  # noqa: E402
 
 __all__ = [
     "Split", "ImageData", "Source", "DatasetEntry", "DATASETS", "register_dataset", "takes_image_size",
-    "list_datasets", "load_dataset", "check_dataset_args", "default_arch",
+    "list_datasets", "load_dataset", "check_dataset_args", "dataset_entry", "default_arch",
     "array_split", "from_arrays", "from_npz",
     "IMAGE_SUFFIXES", "dataset_root", "find_local", "from_folder", "unpack",
     "holdout", "sample_images", "split_train_test", "stratified_indices", "take_images",
