@@ -53,7 +53,7 @@ def benchmark(name: str, description: str):
 
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
-    from benchmarks import cpu, determinism, overhead, pipeline, recipes, runs, serving, speed  # noqa: F401
+    from benchmarks import cpu, determinism, evaluation, overhead, pipeline, recipes, runs, serving, speed  # noqa: F401
 
 
 def get_benchmark(name: str) -> Benchmark:

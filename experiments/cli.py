@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import dataclasses
 import json
 import sys
+from pathlib import Path
 from typing import Callable
 
 from experiments.errors import UserError
@@ -48,3 +50,15 @@ def add_config_flags(parser: argparse.ArgumentParser, config_class, skip: tuple 
         default = field.default if field.default is not dataclasses.MISSING else field.default_factory()
         kind = boolean if isinstance(default, bool) else json_object if isinstance(default, dict) else type(default)
         parser.add_argument(f"--{field.name.replace('_', '-')}", type=kind, default=default)
+
+
+def architecture_names() -> list[str]:
+    """The model registry's names, read from its source: importing the registry imports Keras and
+    TensorFlow, seconds that `--help` should not wait (a test checks this equals list_models())."""
+    names = []
+    for module in sorted(Path(__file__).with_name("models").glob("*.py")):
+        for node in ast.parse(module.read_text()).body:
+            decorators = [d.func if isinstance(d, ast.Call) else d for d in getattr(node, "decorator_list", [])]
+            if any(isinstance(d, ast.Name) and d.id == "register_model" for d in decorators):
+                names.append(node.name)
+    return sorted(names)

@@ -1,6 +1,9 @@
-"""Evaluation artifacts: confusion matrix, learning curves, misclassified images, per-class accuracy."""
+"""Evaluation plots (confusion matrix, learning curves, misclassified images), and MLflow's standard
+classifier evaluation of the test predictions. The figures of our own are computed in scoring.py."""
 
 from __future__ import annotations
+
+import contextlib
 
 import matplotlib
 
@@ -8,23 +11,86 @@ matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+# Beyond this many classes our confusion matrix (plots/confusion_matrix.png) shows no per-cell counts.
+MANY_CLASSES = 30
+# MLflow's (test_confusion_matrix.png) writes each cell's value at 50/classes points (5 pt at 10 classes,
+# 2 pt at 25): beyond 10 classes it goes without them (drawing them took 27-31 s at 100; BENCHMARKS.md).
+MLFLOW_VALUES_MAX_CLASSES = 10
+# MLflow's figures are named test_<its name>: test_accuracy_score, test_precision_score,
+# test_recall_score, test_f1_score (the last three macro averages over the classes), test_example_count.
+MLFLOW_PREFIX = "test_"
 
-def confusion_matrix(labels: np.ndarray, predictions: np.ndarray, num_classes: int) -> np.ndarray:
-    matrix = np.zeros((num_classes, num_classes), dtype=np.int64)
-    np.add.at(matrix, (labels, predictions), 1)
-    return matrix
 
+def standard_evaluation(labels: np.ndarray, predictions: np.ndarray, class_names: list[str], dataset,
+                        model_id: str) -> dict:
+    """MLflow's classifier evaluation of the test predictions (mlflow.models.evaluate with static
+    predictions, by class name): accuracy, macro precision, recall and F1 (with two classes MLflow
+    reports the binary figures of the class whose name sorts last), `test_confusion_matrix.png` and
+    `per_class_metrics.csv`, in the active run; its metrics linked to the model `model_id` and to
+    `dataset` (the test split's `mlflow.data` dataset: the evaluation rows are logged as the same
+    dataset, same name and digest). Returns its metrics."""
+    import mlflow
+    import pandas as pd
 
-def per_class_accuracy(matrix: np.ndarray, class_names: list[str]) -> dict:
-    support = matrix.sum(axis=1)
-    correct = np.diag(matrix)
-    accuracy = np.divide(correct, support, out=np.zeros(len(support)), where=support > 0)
-    return {
-        "class": list(class_names),
-        "accuracy": [round(float(a), 6) for a in accuracy],
-        "correct": correct.tolist(),
-        "support": support.tolist(),
+    names = np.asarray([str(name) for name in class_names], dtype=object)
+    frame = pd.DataFrame({"label": names[labels], "prediction": names[predictions]})
+    rows = mlflow.data.from_pandas(frame, source=dataset.source, targets="label", predictions="prediction",
+                                   name=dataset.name, digest=dataset.digest)
+    config = {
+        "metric_prefix": MLFLOW_PREFIX,
+        "average": "macro",  # its default, "weighted", would hide the weak classes of a skewed split
+        "label_list": list(names),  # every class in its confusion matrix, in a fixed order
+        "log_model_explainability": False,  # no SHAP: there is no model to explain, only predictions
     }
+    with quiet_evaluation(len(class_names)):
+        # Not model_id=model_id: MLflow 3.17 then logs every figure twice at step 0 (its evaluator,
+        # then evaluate() again), two values per step in the run and on the model. Linked below.
+        result = mlflow.models.evaluate(data=rows, model_type="classifier", evaluators="classifier",
+                                        evaluator_config=config)
+    link_to_model(list(result.metrics), model_id, dataset)
+    return result.metrics
+
+
+@contextlib.contextmanager
+def quiet_evaluation(num_classes: int):
+    """mlflow.models.evaluate without its INFO lines (which evaluator, the label count) and scikit-learn's
+    warnings about classes with no test images or no predictions (scoring.py notes those in the run);
+    beyond MLFLOW_VALUES_MAX_CLASSES classes, its confusion matrix without per-cell values."""
+    import functools
+    import logging
+    import warnings
+
+    from sklearn.exceptions import UndefinedMetricWarning
+    from sklearn.metrics import ConfusionMatrixDisplay
+
+    logger = logging.getLogger("mlflow.models.evaluation")
+    level, plot = logger.level, ConfusionMatrixDisplay.plot
+    logger.setLevel(logging.WARNING)
+    if num_classes > MLFLOW_VALUES_MAX_CLASSES:  # MLflow calls plot() without include_values
+        ConfusionMatrixDisplay.plot = functools.partialmethod(plot, include_values=False)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UndefinedMetricWarning)
+            yield
+    finally:
+        ConfusionMatrixDisplay.plot = plot
+        logger.setLevel(level)
+
+
+def link_to_model(names: list[str], model_id: str, dataset) -> None:
+    """Each metric's latest value in the active run, linked to the model and the dataset: re-logged with
+    its timestamp, step and value, which MLflow stores once in the run."""
+    import mlflow
+    from mlflow.entities import Metric
+
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    latest = [max(client.get_metric_history(run_id, name), key=lambda m: m.timestamp) for name in names]
+    client.log_batch(run_id, metrics=[
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=dataset.name,
+               dataset_digest=dataset.digest)
+        for m in latest
+    ])
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]):
@@ -34,7 +100,7 @@ def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]):
     rows = matrix.sum(axis=1, keepdims=True)
     normalised = np.divide(matrix, rows, out=np.zeros(matrix.shape), where=rows > 0)
     ax.imshow(normalised, cmap="Blues", vmin=0, vmax=1)
-    if n <= 30:  # beyond that, tick labels and counts are unreadable
+    if n <= MANY_CLASSES:  # beyond that, tick labels and counts are unreadable
         ax.set_xticks(range(n), class_names, rotation=90)
         ax.set_yticks(range(n), class_names)
         for i in range(n):
@@ -58,7 +124,8 @@ def plot_learning_curves(history: dict):
         ax.set_xlabel("epoch")
         ax.set_title(metric)
         ax.grid(alpha=0.3)
-        ax.legend()
+        if ax.lines:  # a history without this metric: an empty panel, not a legend warning
+            ax.legend()
     fig.tight_layout()
     return fig
 

@@ -9,11 +9,11 @@ import numpy as np
 
 from experiments.cache import atomic_path, cache_dir, file_key
 from experiments.datasets import ImageData, Split
-from experiments.fit import compile_model, image_batches
+from experiments.fit import RecordLearningRate, compile_model, image_batches, progress_verbosity
 from experiments.models import DataSpec, vgg16_features, vgg16_head_layers
 
 
-def fit_vgg16_head(config, data: ImageData, spec: DataSpec):
+def fit_vgg16_head(config, data: ImageData, spec: DataSpec, callbacks: list):
     """The tutorial's recipe: (model, history, test probabilities), the head trained on cached features."""
     import keras
 
@@ -33,7 +33,8 @@ def fit_vgg16_head(config, data: ImageData, spec: DataSpec):
         epochs=config.epochs,
         batch_size=config.batch_size,
         shuffle=True,
-        verbose=2,
+        callbacks=[RecordLearningRate(), *callbacks],
+        verbose=progress_verbosity(),
     )
     # The head sees exactly the cached features, so predicting on them equals the full model's output.
     probabilities = head.predict(test_features, batch_size=config.batch_size, verbose=0)
@@ -79,7 +80,7 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
     hit = features is not None
     if not hit:
         print(f"extracting VGG16 features for {len(split)} images (cached at {path})", flush=True)
-        features = extractor.predict(image_batches(split, batch_size), verbose=1)
+        features = extractor.predict(image_batches(split, batch_size), verbose=progress_verbosity())
         try:
             with atomic_path(path) as staging:  # a kill never leaves a half-written cache under the real name
                 with open(staging, "wb") as file:

@@ -6,12 +6,25 @@ registry entry's hooks (see experiments/models), which train() passes in as call
 
 from __future__ import annotations
 
+import sys
+
+import keras
 import numpy as np
 
 from experiments.datasets import ImageData, Split
 from experiments.models import Recipe
 
 NORM_RECALIBRATION_STEPS = 50  # training batches the norms' statistics are recomputed on after a weight average
+
+
+class RecordLearningRate(keras.callbacks.Callback):
+    """Adds the learning rate the optimizer has reached to each epoch's logs, as Keras's own
+    LearningRateScheduler does: so the history, the checkpoints and MLflow all get it per epoch, and
+    cosine and constant schedules can be compared."""
+
+    def on_epoch_end(self, epoch, logs=None):
+        if logs is not None:
+            logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
 def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int | None = None):
@@ -37,8 +50,6 @@ def compile_model(model, recipe: Recipe, config, num_train: int, initial_epoch: 
 
     `config.learning_rate` 0 takes the recipe's. `compile_options` go to model.compile (a benchmark's XLA).
     """
-    import keras
-
     total_steps = -(-num_train // config.batch_size) * max(1, config.epochs - initial_epoch)
     peak = config.learning_rate or recipe.learning_rate
     schedule = peak
@@ -82,20 +93,24 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
         compile_model(model, config.training_recipe(), config, len(train_split), initial_epoch)
     train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     validation_batches = make_batches(validation_split, config.batch_size, data.num_classes)
-    # batch_size is passed so autolog logs the same value the MLproject logged (else it logs None).
     history = model.fit(
         train_batches,
         validation_data=validation_batches,
         epochs=config.epochs,
         initial_epoch=initial_epoch,
-        batch_size=config.batch_size,
         shuffle=False,  # tf.data shuffles; Keras would warn and ignore it
-        callbacks=callbacks,
-        verbose=2,
+        callbacks=[RecordLearningRate(), *callbacks],  # first: every later callback sees the rate
+        verbose=progress_verbosity(),
     )
     if model.optimizer.use_ema:  # a property of the recipe (its weight average), whatever the architecture
         recalibrate_norms(model, train_batches)
     return history.history
+
+
+def progress_verbosity() -> int:
+    """Keras's live progress bar on a terminal; one line per epoch in logs and CI, where a bar's
+    redraws would fill the file."""
+    return 1 if sys.stdout.isatty() else 2
 
 
 def recalibrate_norms(model, batches, steps: int = NORM_RECALIBRATION_STEPS) -> None:
@@ -106,7 +121,6 @@ def recalibrate_norms(model, batches, steps: int = NORM_RECALIBRATION_STEPS) -> 
     three). Recomputed for the averaged weights, in training mode (so on augmented images, as in
     training). Its effect on the 3-minute CIFAR-10 recipe: BENCHMARKS.md, cifar10_airbench_3min.
     """
-    import keras
     import tensorflow as tf
 
     norms = [layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)]

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from experiments.cli import run_main
 from experiments.errors import UserError
-from experiments.tracking import ARCH_TAG, DATASET_TAG, NOT_CANDIDATES, SEARCH_ROLE_TAG
+from experiments.tracking import ARCH_TAG, DATASET_TAG, NOT_CANDIDATES, SEARCH_ROLE_TAG, ui_link
 
 REPORT_NAME = "tutorial_vs_ours"
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # what `make ui` serves
@@ -87,7 +87,7 @@ def champions(client) -> list[tuple[str, object]]:
 
 
 def run_link(ui_url: str, experiment_id: str, run_id: str, text: str) -> str:
-    return f"[{text}]({ui_url}/#/experiments/{experiment_id}/runs/{run_id})"
+    return f"[{text}]({ui_link(ui_url, experiment_id, run_id)})"
 
 
 def table(header: list[str], rows: list[list[str]]) -> list[str]:

@@ -11,6 +11,7 @@ import warnings
 from pathlib import Path
 
 import numpy as np
+from mlflow.keras import MlflowCallback
 
 from experiments.datasets import ImageData, take_images, takes_image_size
 from experiments.models import Recipe, get_model_entry
@@ -18,6 +19,9 @@ from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, TRIAL_I
 from experiments.tutorial import TUTORIAL_FIGURES
 
 MODEL_PACKAGES = ("mlflow", "keras", "numpy", "tensorflow")  # what a logged Keras model needs to load
+# The step a model is logged at. MLflow links every run metric of that step to the model; no metric has
+# step -1, so none is linked by accident (the system metrics' sample at the last epoch's step would be).
+MODEL_STEP = -1
 
 
 def uint8_schema(image_shape: tuple):
@@ -50,15 +54,21 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple) -> Non
         "mlflow.note.content": f"`{config.arch}` on `{config.dataset}`.{tutorial}",
         **provenance(),
     }
-    if TRIAL_ID_TAG in run.data.tags:  # a tuner trial keeps the name and note the tuner gave it
+    trial = TRIAL_ID_TAG in run.data.tags
+    if trial:  # a tuner trial keeps the name and note the tuner gave it
         del tags["mlflow.runName"], tags["mlflow.note.content"]
     mlflow.set_tags(tags)
     # `mlflow run` has already logged its parameters; MLflow refuses a param logged twice.
     logged = run.data.params
-    params = {
-        **applicable_params(config, data),
+    # A tuner trial has logged its hyperparameters as flat columns (tuning/spaces.py): the recipe and
+    # options would repeat them as JSON. config.json below keeps them all.
+    choices = {} if trial else {
         **{f"recipe.{k}": v for k, v in dataclasses.asdict(recipe).items() if v is not None},
         **{f"options.{k}": json.dumps(v) for k, v in config.options.items()},
+    }
+    params = {
+        **applicable_params(config, data),
+        **choices,
         **data.info,
         "num_train": len(data.train),
         "num_test": len(data.test),
@@ -71,12 +81,16 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple) -> Non
 
 
 def log_inputs(data: ImageData, splits: tuple) -> None:
+    for split, context in splits:
+        log_input(split_dataset(data, split, context), context)
+
+
+def split_dataset(data: ImageData, split, context: str):
+    """A split as an `mlflow.data` dataset: named after the dataset and its role, identified by its digest."""
     from mlflow.data.meta_dataset import MetaDataset
 
-    for split, context in splits:
-        dataset = MetaDataset(source=dataset_source(data.source), name=f"{data.name}-{context}",
-                              digest=split.digest, schema=uint8_schema(data.image_shape))
-        log_input(dataset, context)
+    return MetaDataset(source=dataset_source(data.source), name=f"{data.name}-{context}", digest=split.digest,
+                       schema=uint8_schema(data.image_shape))
 
 
 def log_input(dataset, context: str, attempts: int = 5) -> None:
@@ -139,29 +153,54 @@ def provenance() -> dict:
     return {**tags, **git_state()}
 
 
-def resumed_epochs_callback():
-    """Autolog's per-epoch metric logging without its start-of-training logging, for a resumed run: the
-    params and model summary were logged when the run began, and MLflow refuses a param logged twice."""
-    import mlflow
+class EpochLogger(MlflowCallback):
+    """MLflow's Keras callback (what `mlflow.keras.autolog` adds to a fit), with one metric per name per
+    step: the per-epoch `val_*` curves stay, the validation pass's step-less `validation_*` copies of
+    them go (mlflow #14293; autolog cannot be told). At the start it logs the model summary, not the
+    optimizer's config, whose schedules are dicts and whose fields differ between optimizers: the
+    `recipe.*` params say how the model was trained. `log_summary=False` for a resumed run, which
+    logged it when it began."""
 
-    callback = mlflow.keras.MlflowCallback()
-    callback.on_train_begin = lambda logs=None: None
-    return callback
+    def __init__(self, log_summary: bool = True):
+        super().__init__()
+        self.log_summary = log_summary
+
+    def on_train_begin(self, logs=None):
+        import mlflow
+
+        if self.log_summary:
+            lines = []
+            self.model.summary(print_fn=lambda line, *args, **kwargs: lines.append(line))
+            mlflow.log_text("\n".join(lines), "model_summary.txt")
+
+    def on_test_end(self, logs=None):
+        pass
 
 
-def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, accuracy: float, loss: float) -> None:
-    """Test figures, the per-class table, the confusion matrix, and the plots."""
+def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, accuracy: float, loss: float,
+                   model_id: str) -> None:
+    """Test figures, all on the logged model `model_id` and the test split's dataset (so the Models tab
+    shows them): MLflow's standard classifier evaluation (evaluate.standard_evaluation: test_accuracy_score,
+    macro test_precision_score / test_recall_score / test_f1_score, its confusion matrix and per-class
+    CSV), and ours beside it (scoring.py): test_accuracy, test_loss and the same figure as
+    test_log_loss, test_macro_f1, test_top5_accuracy (20+ classes), test_precision|recall|f1/<class>.
+    A figure that is undefined is left out, never NaN; the `evaluation_note` tag says which and why.
+    Also the per-class table, the confusion matrix as JSON, and the plots."""
     import matplotlib.pyplot as plt
     import mlflow
 
-    from experiments import evaluate  # matplotlib: only when a run ends, not at every command's start-up
+    from experiments import evaluate, scoring  # matplotlib: only when a run ends, not at every command's start-up
 
     labels = data.test.labels
     predictions = probabilities.argmax(axis=1)
-    mlflow.log_metrics({"test_accuracy": accuracy, "test_loss": loss})
-
-    matrix = evaluate.confusion_matrix(labels, predictions, data.num_classes)
-    mlflow.log_table(evaluate.per_class_accuracy(matrix, data.class_names), "evaluation/per_class_accuracy.json")
+    dataset = split_dataset(data, data.test, "testing")
+    matrix = scoring.confusion_matrix(labels, predictions, data.num_classes)
+    ours = scoring.evaluation_figures(matrix, labels, probabilities, data.class_names,
+                                      {"test_accuracy": accuracy, "test_loss": loss})
+    mlflow.log_metrics(ours.metrics, model_id=model_id, dataset=dataset)
+    if ours.notes:
+        mlflow.set_tag(scoring.NOTE_TAG, "; ".join(ours.notes))
+    mlflow.log_table(ours.per_class, "evaluation/per_class_accuracy.json")
     mlflow.log_dict({"class_names": data.class_names, "matrix": matrix.tolist()}, "evaluation/confusion_matrix.json")
     wrong = np.flatnonzero(predictions != labels)
     shown = wrong[np.argsort(-probabilities[wrong, predictions[wrong]])][:25]
@@ -176,6 +215,8 @@ def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, ac
     for path, figure in figures.items():
         mlflow.log_figure(figure, path)
         plt.close(figure)
+    # MLflow's last: should it fail (and the run with it), the model and all of ours are logged already.
+    evaluate.standard_evaluation(labels, predictions, data.class_names, dataset, model_id)
 
 
 def model_signature(data: ImageData):
@@ -186,14 +227,39 @@ def model_signature(data: ImageData):
     return ModelSignature(inputs=uint8_schema(data.image_shape), outputs=outputs)
 
 
-def log_model(model, data: ImageData) -> None:
+def log_model(model, data: ImageData, history: dict) -> str:
+    """Log the model; link the final epoch's figures to it (not the first's); return its model id."""
     import mlflow
 
     # Explicit uint8 signature: autolog would record float32, and input_example is broken (mlflow #16183).
-    mlflow.keras.log_model(
+    info = mlflow.keras.log_model(
         model,  # already stock layers: inference_model() or the VGG path
         name="model",
         signature=model_signature(data),
         metadata={"class_names": data.class_names, "dataset": data.name, "data_digest": data.test.digest},
         pip_requirements=pinned_requirements(),
+        step=MODEL_STEP,
     )
+    link_final_epoch(info.model_id, history)
+    return info.model_id
+
+
+def link_final_epoch(model_id: str, history: dict) -> None:
+    """The run's values of the epoch metrics at the last epoch, linked to the model."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    run_id = mlflow.active_run().info.run_id
+    last_step = max((len(values) for values in history.values()), default=0) - 1
+    link_metrics(client, run_id, model_id, [metric for name in history for metric in
+                                            client.get_metric_history(run_id, name) if metric.step == last_step])
+
+
+def link_metrics(client, run_id: str, model_id: str, metrics: list) -> None:
+    """Link a run's logged metrics to a model: re-logged with the same timestamp, step, value and dataset,
+    which MLflow stores once in the run (as log_model's own link does)."""
+    from mlflow.entities import Metric
+
+    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+                                             dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
+                                      for m in metrics])

@@ -7,6 +7,7 @@ tuning, promotion and the report write and read are defined here and nowhere els
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import subprocess
 from pathlib import Path
@@ -28,6 +29,14 @@ NOT_CANDIDATES = {ROLE_TRIAL, ROLE_PARENT, ROLE_RESUME}  # search runs that hold
 # Without this tag MLflow 3's UI opens an experiment in its GenAI view; the value is the model-training
 # view's, as the pinned MLflow's UI bundle spells it.
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
+# Yet that UI picks the view per browser, not from the tag (mlflow PR #20161): GenAI until the user
+# picks "Model training" in its sidebar. A link can ask for the model-training view; ui_link() does.
+MODEL_TRAINING_VIEW = "workflowType=machine_learning"
+# MLflow's own switch for system metrics (CPU, memory, disk, network), which this project turns on
+# unless it is set to false; sampled every SYSTEM_METRICS_INTERVAL seconds unless MLflow's
+# MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL says otherwise (a short run still gets a few samples).
+SYSTEM_METRICS_ENV, SYSTEM_METRICS_INTERVAL_ENV = "MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL"
+SYSTEM_METRICS_INTERVAL = 2
 
 
 def default_tracking_uri() -> str:
@@ -58,11 +67,44 @@ def open_run(experiment: str, run_id: str | None = None):
         return contextlib.nullcontext(mlflow.active_run())
     connect()
     if run_id or launched_run_id():  # a run to reopen, or `mlflow run`'s: their experiment is not ours to pick
-        run = mlflow.start_run(run_id=run_id) if run_id else mlflow.start_run()
+        run = start_run(run_id=run_id or None)
         mark_experiment_kind(run.info.experiment_id)
         return run
     use_experiment(experiment)  # one per dataset (it marks the kind)
-    return mlflow.start_run()
+    return start_run()
+
+
+def start_run(**kwargs):
+    """mlflow.start_run with the run's system metrics on, unless switched off (see SYSTEM_METRICS_ENV)."""
+    import mlflow
+
+    enabled = system_metrics_enabled()
+    if enabled and not os.environ.get(SYSTEM_METRICS_INTERVAL_ENV):
+        mlflow.set_system_metrics_sampling_interval(SYSTEM_METRICS_INTERVAL)
+    # Its start and stop are INFO lines at every run; its warnings still show.
+    logging.getLogger("mlflow.system_metrics").setLevel(logging.WARNING)
+    return mlflow.start_run(log_system_metrics=enabled, **kwargs)
+
+
+def system_metrics_enabled() -> bool:
+    """Whether runs log system metrics; a bad switch or interval is a UserError (checked before a run starts)."""
+    value = os.environ.get(SYSTEM_METRICS_ENV, "true").strip().lower()
+    if value not in ("true", "false"):
+        raise UserError(f"{SYSTEM_METRICS_ENV} must be true or false, got {value!r}; "
+                        "unset it to log system metrics, or set it to false to switch them off")
+    interval = os.environ.get(SYSTEM_METRICS_INTERVAL_ENV)
+    try:
+        if interval and not float(interval) > 0:
+            raise ValueError
+    except ValueError:
+        raise UserError(f"{SYSTEM_METRICS_INTERVAL_ENV} must be a number of seconds > 0, got {interval!r}") from None
+    return value == "true"
+
+
+def ui_link(ui_url: str, experiment_id: str, run_id: str | None = None) -> str:
+    """A link into the MLflow UI that opens the experiment (or run) in the model-training view."""
+    page = f"{ui_url.rstrip('/')}/#/experiments/{experiment_id}"
+    return f"{page}/runs/{run_id}?{MODEL_TRAINING_VIEW}" if run_id else f"{page}?{MODEL_TRAINING_VIEW}"
 
 
 def mark_experiment_kind(experiment_id: str) -> None:

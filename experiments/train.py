@@ -14,15 +14,18 @@ import inspect
 import os
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from experiments import checkpoints, fit, run_logging
+from experiments import checkpoints
 from experiments.cache import check_cache_writable
-from experiments.cli import add_config_flags, boolean, run_main
-from experiments.datasets import ImageData, check_dataset_args, default_arch, holdout, list_datasets, load_dataset
+from experiments.cli import add_config_flags, architecture_names, boolean, run_main
+from experiments.datasets import ImageData, check_dataset_args, default_arch, fit_splits, list_datasets, load_dataset
 from experiments.errors import UserError
-from experiments.features import fit_vgg16_head
-from experiments.models import DataSpec, Recipe, get_model_entry, inference_model, list_models
-from experiments.tracking import check_tracking_server, launched_run_id, open_run
+from experiments.tracking import check_tracking_server, launched_run_id, open_run, system_metrics_enabled
+
+# Keras, the models and the fit loop are imported where they are used: `--help` answers at once.
+if TYPE_CHECKING:
+    from experiments.models import Recipe
 
 
 @dataclasses.dataclass
@@ -49,6 +52,8 @@ class TrainConfig:
 
     def validate(self) -> None:
         """Bad input fails here, with one line, before any data is read or any run is created."""
+        from experiments.models import get_model_entry
+
         get_model_entry(self.arch)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
@@ -66,12 +71,15 @@ class TrainConfig:
             raise UserError(f"bad options for {self.arch} ({exc}); see the keyword arguments of its builder in "
                             "experiments/models/") from None
         check_cache_writable()
+        system_metrics_enabled()
         check_dataset_args(self.dataset, self.data_dir, self.image_size, self.limit, self.test_fraction)
         if get_model_entry(self.arch).recipe.features == "vgg16":
             if self.weights not in ("imagenet", "none") and not Path(self.weights).is_file():
                 raise UserError(f"weights must be 'imagenet', 'none' or an existing weights file, got {self.weights!r}")
 
     def training_recipe(self) -> Recipe:
+        from experiments.models import get_model_entry
+
         return get_model_entry(self.arch).recipe.updated(**self.recipe)
 
 
@@ -108,6 +116,8 @@ def train(
     """
     import mlflow
 
+    from experiments import fit, run_logging
+
     config = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     config.validate()
     if track and mlflow.active_run() is None:
@@ -121,35 +131,23 @@ def train(
     active = mlflow.active_run()
     checkpoint = checkpoints.find(config, active.info.run_id if active else launched_run_id(),
                                   resume) if checkpointed else None
-    splits = fit_splits(config, data)
+    splits = fit_splits(data, config.validation_fraction, config.seed)
     with open_run(config.dataset, checkpoint and checkpoint.run_id) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
         if track:
             callbacks = start_tracking(config, data, splits, callbacks, checkpoint, checkpointed)
-        try:
-            model, history, probabilities = fit_and_predict(config, data, splits, model, callbacks,
-                                                            initial_epoch, checkpoint, evaluate)
-        finally:
-            if track:
-                mlflow.keras.autolog(disable=True)
+        model, history, probabilities = fit_and_predict(config, data, splits, model, callbacks,
+                                                        initial_epoch, checkpoint, evaluate)
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
         accuracy, loss = fit.score_predictions(data.test.labels, probabilities)
-        if track:
-            run_logging.log_evaluation(data, probabilities, history, accuracy, loss)
-            run_logging.log_model(model, data)
+        if track:  # the model first: the test figures are logged on it
+            model_id = run_logging.log_model(model, data, history)
+            run_logging.log_evaluation(data, probabilities, history, accuracy, loss, model_id)
         if checkpointed:
             checkpoints.remove(run_id)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
     return TrainResult(run_id, accuracy, loss, model, history)
-
-
-def fit_splits(config: TrainConfig, data: ImageData) -> tuple:
-    """((split, context), (split, context)): what the model fits on, and what it is validated on."""
-    if config.validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
-        fit_split, validation_split = holdout(data.train, config.validation_fraction, config.seed)
-        return (fit_split, "training"), (validation_split, "validation")
-    return (data.train, "training"), (data.test, "testing")
 
 
 def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed) -> list:
@@ -157,26 +155,30 @@ def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callback
     that log and checkpoint each epoch, ahead of the caller's."""
     import mlflow
 
+    from experiments import run_logging
+
     run_id = mlflow.active_run().info.run_id
     if checkpoint:
         print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)
         mlflow.set_tag("resumed_after_epoch", checkpoint.epoch)
         checkpoints.log_missing_epochs(checkpoint)
-        # Autolog would log initial_epoch again with a new value, which MLflow refuses; its
-        # callback alone logs the remaining epochs (the params are logged already).
-        return [checkpoints.callback(run_id, config, checkpoint.history), run_logging.resumed_epochs_callback(),
-                *callbacks]
+        return [checkpoints.callback(run_id, config, checkpoint.history),
+                run_logging.EpochLogger(log_summary=False), *callbacks]
     run_logging.log_run_start(config, data, config.training_recipe(), splits)
-    # Autolog records params and per-epoch metrics; we log the model ourselves with a uint8 signature.
-    mlflow.keras.autolog(log_models=False, log_datasets=False, silent=True)
-    # The checkpoint callback comes first, ahead of autolog's: an epoch is saved before anything else sees it.
-    return [checkpoints.callback(run_id, config), *callbacks] if checkpointed else list(callbacks)
+    # The checkpoint callback comes first: an epoch is saved before anything else sees it. Then MLflow's
+    # per-epoch logging (the model is logged at the end, with a uint8 signature).
+    saved = [checkpoints.callback(run_id, config)] if checkpointed else []
+    return [*saved, run_logging.EpochLogger(), *callbacks]
 
 
 def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, callbacks: list,
                     initial_epoch: int, checkpoint, evaluate: bool) -> tuple:
     """(model, history, test probabilities or None): build or resume the model, fit it, predict the test split."""
     import keras
+
+    from experiments import fit
+    from experiments.features import fit_vgg16_head
+    from experiments.models import DataSpec, get_model_entry, inference_model
 
     # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
     # Keras also seeds from: so tracking on or off gives the same weights.
@@ -188,7 +190,7 @@ def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, 
     spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
     entry = get_model_entry(config.arch)
     if entry.recipe.features == "vgg16":
-        return fit_vgg16_head(config, data, spec)
+        return fit_vgg16_head(config, data, spec, callbacks)
     if checkpoint:
         model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
     elif model is None:
@@ -224,7 +226,7 @@ def load_data(config: TrainConfig) -> ImageData:
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(list_datasets())}")
-    parser.add_argument("--arch", default="", help=f"one of: {', '.join(list_models())} (default: the dataset's "
+    parser.add_argument("--arch", default="", help=f"one of: {', '.join(architecture_names())} (default: the dataset's "
                         "tutorial architecture, as in MLproject)")
     add_config_flags(parser, TrainConfig, skip=("dataset", "arch"))
     parser.add_argument("--resume", type=boolean, default=False,

@@ -218,8 +218,9 @@ def _register(client, name: str, best: Candidate, metric: str):
     }
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=(
-            f"Image classifier for {name}. Serve: mlflow models serve -m models:/{name}@{CHAMPION} "
-            "--env-manager local. Input: uint8 pixels (N, H, W, C) or base64 JPEG/PNG images."))
+            f"Image classifier for {name}. Serve: mlflow models serve -m models:/{name}@{CHAMPION} (the first "
+            "start builds the model's environment from its requirements.txt, 1-2 min; --env-manager local "
+            "reuses the current one). Input: uint8 pixels (N, H, W, C) or base64 JPEG/PNG images."))
     version = mlflow.register_model(uri, name, tags=tags)
     client.update_model_version(name, version.version, description=(
         f"{best.arch} from run {best.run_id}: {metric}={best.value:.4f} on test split {best.data_digest}, "
@@ -235,7 +236,7 @@ def log_serving_model(client, run_id: str) -> str:
     from mlflow.types import ColSpec, Schema
     from mlflow.types.schema import Array
 
-    from experiments.run_logging import pinned_requirements
+    from experiments.run_logging import MODEL_STEP, link_metrics, pinned_requirements
 
     source = f"runs:/{run_id}/model"
     info = mlflow.models.get_model_info(source)
@@ -259,9 +260,13 @@ def log_serving_model(client, run_id: str) -> str:
             raise UserError(f"the model of run {run_id} holds Python code (a Lambda layer) that safe mode "
                             "does not load; retrain it with stock layers") from None
         model.save(keras_path)
+        # Created first, in the run's experiment: Model.log alone would file it in the active (Default) one.
+        serving = mlflow.initialize_logged_model(name="serving", source_run_id=run_id, model_type="classifier",
+                                                 experiment_id=client.get_run(run_id).info.experiment_id)
         logged = Model.log(
             artifact_path=None,
             name="serving",
+            model_id=serving.model_id,
             flavor=mlflow.pyfunc,
             run_id=run_id,
             python_model=str(CLASSIFIER_CODE),
@@ -271,7 +276,9 @@ def log_serving_model(client, run_id: str) -> str:
             input_example=np.zeros((1, *image_shape), np.uint8),  # also checks the wrapper loads and predicts
             metadata={**info.metadata, "input": f"uint8 (N, {', '.join(map(str, image_shape))}) or base64 images"},
             pip_requirements=pinned_requirements(packages),
+            step=MODEL_STEP,  # no run metric copied at random: the training model's figures, linked below
         )
+    link_metrics(client, run_id, logged.model_id, mlflow.get_logged_model(info.model_id).metrics)
     return logged.model_uri
 
 

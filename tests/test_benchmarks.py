@@ -72,22 +72,26 @@ def test_peak_is_logged_cached_and_written_into_its_section(tmp_path):
 
 
 @pytest.mark.slow
-def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, tmp_path):
+def test_tracking_overhead_compares_plain_fit_with_train_in_one_run(tiny_cifar, tmp_path, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
     report = tmp_path / "BENCHMARKS.md"
     rows = harness.run("tracking_overhead", {"arch": "cnn_simple", "epochs": 1, "repeats": 2, "batch_size": 32,
                                              "data_dir": str(tiny_cifar)}, report)
 
-    assert [r["variant"] for r in rows] == ["plain model.fit", "train() with tracking"]
+    assert [r["variant"] for r in rows] == ["plain model.fit", "train() with tracking", "tracking, system metrics off"]
     assert rows[0]["ratio_to_plain"] == 1.0 and rows[1]["ratio_to_plain"] > 0
     # Same seed, data and model: the plain fit and train() learn the same thing.
-    assert rows[0]["test_accuracy"] == rows[1]["test_accuracy"]
+    assert rows[0]["test_accuracy"] == rows[1]["test_accuracy"] == rows[2]["test_accuracy"]
 
     (parent,) = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
                                    filter_string="tags.benchmark = 'tracking_overhead'")
     children = mlflow.search_runs(experiment_names=["benchmarks"], output_format="list",
                                   filter_string=f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert len(children) == 2 and all(c.info.run_name.startswith("cifar10-cnn_simple-") for c in children)
+    assert len(children) == 4 and all(c.info.run_name.startswith("cifar10-cnn_simple-") for c in children)
     assert all(c.info.status == "FINISHED" and "test_accuracy" in c.data.metrics for c in children)
+    # The switch reached the runs: system metrics in the tracked variant only (sampled at 0.5 s here).
+    with_system = [any(k.startswith("system/") for k in c.data.metrics) for c in children]
+    assert sorted(with_system) == [False, False, True, True]
     assert parent.data.metrics["train_with_tracking_ratio_to_plain"] == pytest.approx(rows[1]["ratio_to_plain"])
     assert "<!-- benchmark:tracking_overhead -->" in report.read_text()
 

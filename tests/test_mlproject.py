@@ -10,7 +10,7 @@ import mlflow
 import pytest
 import numpy as np
 import yaml
-from conftest import PROJECT_ROOT, artifact_paths, python_env, trained
+from conftest import PROJECT_ROOT, SHARED_DATA, artifact_paths, needs_shared_data, python_env, trained
 
 from experiments.datasets import default_arch
 
@@ -72,7 +72,7 @@ def test_conda_env_matches_pinned_requirements():
         if line.strip() and not line.startswith("#")
     ]
     assert sorted(pip) == sorted(requirements)
-    assert "python=3.11" in conda["dependencies"]
+    assert "python=3.11.7" in conda["dependencies"]  # pyenv has it offline: `--env-manager virtualenv` works
 
 
 @pytest.mark.slow
@@ -88,7 +88,7 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     run = runs[0]
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
-    assert "accuracy" in run.data.metrics  # autolog was not silently skipped by a param clash
+    assert "accuracy" in run.data.metrics  # the per-epoch logging was not skipped by a param clash
     assert run.data.params["limit"] == "30" and run.data.params["num_train"] == "30"
     assert run.data.tags["dataset"] == "mnist" and run.data.tags["arch"] == "cnn_simple"
     # `mlflow run` made the experiment; the training still has the UI open it in the model-training view.
@@ -97,6 +97,61 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     model = mlflow.pyfunc.load_model(f"runs:/{run.info.run_id}/model")
     assert model.metadata.signature.inputs.inputs[0].type == np.dtype("uint8")
     assert np.asarray(model.predict(np.zeros((3, 28, 28, 1), np.uint8))).shape == (3, 10)
+
+
+@pytest.mark.slow
+@needs_shared_data
+def test_a_mnist_run_records_its_model_with_test_figures_and_one_value_per_step(isolated_tracking):
+    """The issue's acceptance run: `mlflow run . -e mnist -P epochs=2 -P limit=3000`."""
+    env = {**python_env(), "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.5"}  # samples within a short run
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local",
+         "-P", "epochs=2", "-P", "limit=3000", "-P", f"data_dir={SHARED_DATA}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
+    assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
+    histories = {name: client.get_metric_history(run.info.run_id, name) for name in run.data.metrics}
+    for name, history in histories.items():  # at most one value per name and step
+        assert len({m.step for m in history}) == len(history), name
+    assert not any(name.startswith("validation_") for name in histories)  # no step-less copies of val_*
+    for name in ("accuracy", "loss", "val_accuracy", "val_loss", "learning_rate"):
+        assert [m.step for m in histories[name]] == [0, 1], name
+    assert any(name.startswith("system/") for name in histories)
+    assert {"test_macro_f1", "test_precision/0", "test_recall/9"} <= set(histories)
+
+    [model] = mlflow.search_logged_models(experiment_ids=[run.info.experiment_id], output_format="list")
+    on_model = {m.key: m for m in model.metrics}
+    assert on_model["test_accuracy"].value == run.data.metrics["test_accuracy"]
+    assert on_model["test_accuracy"].dataset_name == "mnist-testing"
+    assert on_model["test_accuracy"].dataset_digest == run.data.tags["data_digest"]
+    for name, metric in on_model.items():  # the final epoch's figures, never the first's
+        if name in ("accuracy", "loss", "val_accuracy", "val_loss", "learning_rate"):
+            assert (metric.step, metric.value) == (1, histories[name][-1].value), name
+    assert not any(name.startswith("system/") for name in on_model)
+
+
+@pytest.mark.slow
+def test_mlflow_run_with_the_virtualenv_env_manager_builds_from_conda_yaml(tiny_npz_dir, isolated_tracking, tmp_path):
+    """For machines without conda: MLflow turns conda.yaml's Python and pip list into a pyenv venv
+    (about 2 min the first time here) and trains in it."""
+    from registry.serve import virtualenv_missing
+
+    if reason := virtualenv_missing("3.11.7"):
+        pytest.skip(reason)
+    env = {**python_env(), "MLFLOW_ENV_ROOT": str(tmp_path / "envs")}  # built anew, removed with the test
+    proc = subprocess.run(
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "virtualenv",
+         "-P", "limit=30", "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_dir={tiny_npz_dir}"],
+        cwd=PROJECT_ROOT, env=env, capture_output=True, text=True, timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    [run] = mlflow.search_runs(search_all_experiments=True, output_format="list")
+    assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
+    # It ran in the environment MLflow built, not in this interpreter's.
+    assert str(tmp_path / "envs") in proc.stderr, proc.stderr[-3000:]
 
 
 @pytest.mark.slow
@@ -111,7 +166,9 @@ def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_
     run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
     params = run.data.params
     assert (params["options.kernel_size"], params["options.batch_norm"], params["recipe.optimizer"]) == ("5", "true", "sgd")
-    assert params["optimizer_name"].lower() == "sgd"  # autolog saw the recipe's optimizer
+    # One learning rate per epoch, the recipe's (test_recipes checks the recipe builds SGD).
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, float(params["recipe.learning_rate"]))]
 
 
 @pytest.mark.slow

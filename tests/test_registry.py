@@ -5,21 +5,29 @@ from __future__ import annotations
 import base64
 import io
 import json
+import platform
 import re
+import shutil
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from importlib.metadata import version
+from pathlib import Path
 
 import mlflow
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 from PIL import Image
 
 from conftest import PROJECT_ROOT, assert_loopback_only, make_npz, python_env, served, trained
 from experiments.errors import UserError
 from registry import promote as registry
+from registry.serve import ServerError, server_environment, serving, virtualenv_missing
 
 
 def champion(name="cifar10") -> str:
@@ -288,3 +296,71 @@ def test_a_model_holding_python_code_is_not_promoted(capsys):
     assert line == (f"error: the model of run {run.info.run_id} holds Python code (a Lambda layer) that safe mode "
                     "does not load; retrain it with stock layers")
     assert not mlflow.MlflowClient().search_registered_models()
+
+
+# --- The model's own environment ------------------------------------------------------------------
+
+RUNTIME = {"mlflow", "tensorflow", "keras"}  # pinned to this interpreter's versions: the same answers
+NOT_RUNTIME = {"pytest", "pytest-xdist", "selenium", "psycopg", "psycopg-binary", "flask-wtf", "keras-tuner"}
+
+
+def requirement_names(lines) -> set[str]:
+    return {canonicalize_name(Requirement(line).name) for line in lines}
+
+
+@pytest.mark.slow
+def test_logged_models_require_runtime_packages_only(tiny_cifar):
+    """What `mlflow models serve` (default env manager) installs: the training run's Keras model and the
+    registered pyfunc pin mlflow, tensorflow and keras as installed here, and no test or server package."""
+    run_id = trained(tiny_cifar)
+    registry.promote("cifar10")
+    description = mlflow.MlflowClient().get_registered_model("cifar10").description
+    assert "Serve: mlflow models serve -m models:/cifar10@champion (the first start builds" in description
+    for uri in (f"runs:/{run_id}/model", "models:/cifar10@champion"):
+        folder = Path(mlflow.artifacts.download_artifacts(uri))
+        pins = (folder / "requirements.txt").read_text().split()
+        assert requirement_names(pins) >= RUNTIME and not requirement_names(pins) & NOT_RUNTIME, (uri, pins)
+        assert {f"{package}=={version(package)}" for package in RUNTIME} <= set(pins), (uri, pins)
+        python_env = yaml.safe_load((folder / "python_env.yaml").read_text())
+        assert python_env["python"] == platform.python_version()
+        assert python_env["dependencies"] == ["-r requirements.txt"]
+        conda = yaml.safe_load((folder / "conda.yaml").read_text())
+        [pip_list] = [item["pip"] for item in conda["dependencies"] if isinstance(item, dict)]
+        assert pip_list == pins, uri
+
+
+@pytest.mark.slow
+def test_the_plain_serve_command_builds_the_models_environment_and_answers_the_same(tiny_cifar, tmp_path,
+                                                                                    isolated_tracking):
+    """`mlflow models serve -m models:/cifar10@champion` without --env-manager: MLflow's default (virtualenv)
+    builds the model's environment (pyenv's Python, venv, pip install of its requirements.txt; 1-2 min
+    here, BENCHMARKS.md) and serves from it the answers the model gives in this process."""
+    if reason := virtualenv_missing():
+        pytest.skip(reason)
+    trained(tiny_cifar)
+    registry.promote("cifar10")
+    images = np.random.default_rng(0).integers(0, 255, size=(3, 32, 32, 3), dtype=np.uint8)
+    expected = mlflow.pyfunc.load_model("models:/cifar10@champion").predict(images)
+    env_root = tmp_path / "envs"  # not ~/.mlflow/envs: each run builds anew, and 3 GB go with the test
+    try:
+        with serving("models:/cifar10@champion", timeout=480, env_manager=None, MLFLOW_TRACKING_URI=isolated_tracking,
+                     MLFLOW_ENV_ROOT=str(env_root)) as url:
+            environment = server_environment(int(url.rsplit(":", 1)[1]))
+            status, body = post(url, {"inputs": images.tolist()})
+        assert status == 200, body
+        served_rows = body["predictions"]
+        assert [r["class_index"] for r in served_rows] == [r["class_index"] for r in expected]
+        np.testing.assert_allclose([r["probabilities"] for r in served_rows], [r["probabilities"] for r in expected],
+                                   atol=1e-5)
+        # Served from the environment MLflow built, not from this interpreter's.
+        assert environment is not None and environment.parent == env_root, environment
+        listing = subprocess.run([str(environment / "bin" / "python"), "-m", "pip", "list", "--format=freeze"],
+                                 capture_output=True, text=True, timeout=120)
+        installed = dict(line.split("==") for line in listing.stdout.split())
+        installed = {canonicalize_name(name): pinned for name, pinned in installed.items()}
+        assert {package: installed.get(package) for package in RUNTIME} == {p: version(p) for p in RUNTIME}
+        assert not set(installed) & NOT_RUNTIME, sorted(set(installed) & NOT_RUNTIME)
+    except ServerError as exc:
+        pytest.fail(str(exc))
+    finally:
+        shutil.rmtree(env_root, ignore_errors=True)

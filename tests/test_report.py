@@ -53,7 +53,8 @@ def test_report_compares_tutorial_runs_and_names_champions(tiny_npz_dir, tmp_pat
     assert f"`{isolated_tracking}`" in markdown
     mlp_run = client.get_run(mlp.run_id)
     accuracy = mlp_run.data.metrics["test_accuracy"]
-    link = f"(http://ui.example:5000/#/experiments/{mlp_run.info.experiment_id}/runs/{mlp.run_id})"
+    link = (f"(http://ui.example:5000/#/experiments/{mlp_run.info.experiment_id}/runs/{mlp.run_id}"
+            "?workflowType=machine_learning)")
     assert row(markdown, "mnist", "mlp", "about 97%") == (
         f"| mnist | mlp | about 97% | {accuracy * 100:.2f}% | 1 | [{mlp_run.info.run_name}]{link} |")
     assert cnn.run_id in row(markdown, "mnist", "cnn_simple", "98%+")
@@ -70,7 +71,7 @@ def test_report_compares_tutorial_runs_and_names_champions(tiny_npz_dir, tmp_pat
     assert (decision.action, str(champion.version)) == ("champion", "1")
     expected = f"{float(champion.tags['test_accuracy']) * 100:.2f}%"
     assert row(champions, "mnist", "1", expected, champion.tags["arch"])
-    assert f"runs/{decision.run_id})" in row(champions, "mnist", "1")
+    assert f"runs/{decision.run_id}?workflowType=machine_learning)" in row(champions, "mnist", "1")
     assert "![The tutorial's test accuracy vs ours](tutorial_vs_ours.png)" in markdown
 
     with Image.open(chart_path) as image:

@@ -102,3 +102,24 @@ def test_search_roles_and_run_ownership_are_decided_in_one_module():
         text = path.read_text()
         assert 'os.environ.get("MLFLOW_RUN_ID")' not in text and 'os.environ["MLFLOW_RUN_ID"]' not in text, path.name
         assert '"search_role"' not in text, path.name
+
+
+@pytest.mark.parametrize("module", ["experiments.train", "registry.promote", "experiments.pipeline", "tuning.search"])
+def test_help_answers_without_importing_tensorflow(module):
+    """`--help` must not wait seconds for TensorFlow: the heavy imports happen where they are used."""
+    import subprocess
+    import sys
+
+    probe = (f"import runpy, sys\nsys.argv = ['{module}', '--help']\ntry:\n    runpy.run_module('{module}', "
+             "run_name='__main__')\nexcept SystemExit:\n    pass\nprint('tensorflow' in sys.modules, 'keras' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "usage:" in proc.stdout
+    assert proc.stdout.strip().splitlines()[-1] == "False False"
+
+
+def test_the_help_lists_every_registered_architecture():
+    from experiments.cli import architecture_names
+    from experiments.models import list_models
+
+    assert architecture_names() == list_models()

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import warnings
 
 import keras
 import mlflow
@@ -46,11 +47,25 @@ def test_train_logs_everything_a_run_needs(tiny_npz_dir):
     assert set(inputs) == {"mnist-training", "mnist-testing"}
     assert inputs["mnist-testing"].digest == tags["data_digest"]
 
+    # Standard evaluation: MLflow's figures and ours. The tiny test split holds classes 0-2 of MNIST's ten:
+    # the other seven have no recall (left out, and noted), and nothing logged is NaN.
+    metrics = run.data.metrics
+    assert metrics["test_accuracy_score"] == pytest.approx(result.test_accuracy)  # mlflow.models.evaluate's
+    assert {"test_precision_score", "test_recall_score", "test_f1_score", "test_macro_f1"} <= set(metrics)
+    assert metrics["test_log_loss"] == metrics["test_loss"]
+    assert {"test_precision/0", "test_recall/0", "test_f1/0", "test_recall/2"} <= set(metrics)
+    assert not any(name.startswith("test_recall/") and int(name[-1]) > 2 for name in metrics)
+    assert "test_top5_accuracy" not in metrics  # 10 classes
+    assert all(np.isfinite(value) for value in metrics.values())
+    assert "recall left out for 7 class(es) with no test images: 3, 4, 5, 6, 7, 8, 9" in tags["evaluation_note"]
+
     assert {
         "plots/confusion_matrix.png",
         "plots/learning_curves.png",
         "plots/misclassified.png",
         "evaluation/per_class_accuracy.json",
+        "test_confusion_matrix.png",  # MLflow's
+        "per_class_metrics.csv",
         "config.json",
     } <= artifact_paths(result.run_id)
 
@@ -75,6 +90,123 @@ def test_per_class_accuracy_and_confusion_matrix_agree_with_test_accuracy(tiny_n
     local = mlflow.artifacts.download_artifacts(run_id=result.run_id, artifact_path="evaluation/confusion_matrix.json")
     matrix = np.array(json.load(open(local))["matrix"])
     assert np.trace(matrix) / matrix.sum() == pytest.approx(result.test_accuracy)
+
+
+def evaluated(tmp_path, class_names, labels, predictions, history: dict | None = None):
+    """log_evaluation of a crafted case inside a run, as train() calls it: 8x8 images, probabilities
+    whose argmax is `predictions` (0.7 on it, the rest spread evenly), a model id to log on."""
+    from experiments.datasets import ImageData, array_split
+    from experiments.fit import score_predictions
+    from experiments.run_logging import log_evaluation
+
+    labels, predictions = np.asarray(labels), np.asarray(predictions)
+    k = len(class_names)
+    probabilities = np.full((len(labels), k), 0.3 / (k - 1), np.float32)
+    probabilities[np.arange(len(labels)), predictions] = 0.7
+    images = np.zeros((len(labels), 8, 8, 3), np.uint8)
+    data = ImageData("pets", list(class_names), (8, 8, 3), array_split(images, labels), array_split(images, labels),
+                     source=str(tmp_path))
+    accuracy, loss = score_predictions(labels, probabilities)
+    with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
+        model_id = mlflow.create_external_model(name="model").model_id
+        warnings.simplefilter("always")
+        log_evaluation(data, probabilities, history or {"loss": [1.0, 0.6], "accuracy": [0.3, 0.5]}, accuracy, loss,
+                       model_id)
+    # No warning a user could not act on (scikit-learn's about undefined figures: the note says it).
+    assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
+    return mlflow.get_run(run.info.run_id), model_id, data
+
+
+def test_evaluation_logs_macro_and_per_class_figures_on_the_model_and_leaves_undefined_ones_out(tmp_path, capfd):
+    """Worked by hand. Test split: cat x3, dog x2, fox x1, owl x0; predicted: cat x3, dog x2, fox x0, owl x1.
+            precision   recall   f1 = 2TP / (images + predictions)
+    cat     2/3         2/3      4/6
+    dog     1/2         1/2      2/4
+    fox     undefined   0/1      0/1    (never predicted)
+    owl     0/1         undefined 0/1   (no test images)
+    macro F1 = (2/3 + 1/2 + 0 + 0) / 4 = 7/24; accuracy 3/6."""
+    run, model_id, data = evaluated(tmp_path, ["cat", "dog", "fox", "owl"], labels=[0, 0, 0, 1, 1, 2],
+                                    predictions=[0, 0, 1, 1, 3, 0])
+    metrics = run.data.metrics
+    expected = {
+        "test_precision/cat": 2 / 3, "test_precision/dog": 1 / 2, "test_precision/owl": 0.0,
+        "test_recall/cat": 2 / 3, "test_recall/dog": 1 / 2, "test_recall/fox": 0.0,
+        "test_f1/cat": 2 / 3, "test_f1/dog": 1 / 2, "test_f1/fox": 0.0, "test_f1/owl": 0.0,
+        "test_macro_f1": 7 / 24, "test_accuracy": 0.5,
+        # mlflow.models.evaluate's, macro-averaged over the classes in the split or predicted (as ours)
+        "test_f1_score": 7 / 24, "test_precision_score": 7 / 24, "test_recall_score": 7 / 24,
+        "test_accuracy_score": 0.5, "test_example_count": 6.0,
+    }
+    assert {name: metrics[name] for name in expected} == pytest.approx(expected)
+    assert "test_precision/fox" not in metrics and "test_recall/owl" not in metrics  # undefined: left out
+    assert "test_top5_accuracy" not in metrics  # 4 classes
+    assert metrics["test_log_loss"] == metrics["test_loss"] == pytest.approx(-(3 * np.log(0.7) + 3 * np.log(0.1)) / 6)
+    assert all(np.isfinite(value) for value in metrics.values())
+    assert run.data.tags["evaluation_note"] == (
+        "recall left out for 1 class(es) with no test images: owl; "
+        "precision left out for 1 class(es) never predicted: fox")
+
+    # Every test figure is on the model, once, with the test split's dataset.
+    on_model = mlflow.get_logged_model(model_id).metrics
+    assert sorted(m.key for m in on_model) == sorted(metrics)
+    assert {(m.dataset_name, m.dataset_digest) for m in on_model} == {("pets-testing", data.test.digest)}
+    client = mlflow.MlflowClient()
+    assert all(len(client.get_metric_history(run.info.run_id, name)) == 1 for name in metrics)
+    assert mlflow.get_active_model_id() is None  # nothing logged later is linked to the model by accident
+
+    table = json.loads(mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/evaluation/per_class_accuracy.json"))
+    rows = {row[0]: dict(zip(table["columns"], row)) for row in table["data"]}
+    assert rows["owl"]["recall"] is None and rows["owl"]["accuracy"] is None and rows["owl"]["precision"] == 0.0
+    assert rows["owl"]["note"] == "no test images of this class"
+    assert rows["fox"]["precision"] is None and rows["fox"]["recall"] == 0.0
+    assert rows["fox"]["note"] == "never predicted"
+    assert (rows["cat"]["precision"], rows["cat"]["support"], rows["cat"]["predicted"]) == (0.666667, 3, 3)
+    assert {"test_confusion_matrix.png", "per_class_metrics.csv", "plots/confusion_matrix.png",
+            "plots/learning_curves.png", "plots/misclassified.png"} <= artifact_paths(run.info.run_id)
+    per_class = mlflow.artifacts.load_text(f"runs:/{run.info.run_id}/per_class_metrics.csv")
+    assert per_class.splitlines()[1].startswith("cat,")  # MLflow's table, by class name
+
+    out, err = capfd.readouterr()
+    assert "mlflow.models.evaluation" not in out + err  # none of its INFO lines
+
+
+def test_top5_accuracy_is_logged_with_20_classes_and_odd_class_names_become_metric_names(tmp_path):
+    """20 classes, half the images predicted right; on the others the true class ties with 18 for 2nd
+    (0.7 on the predicted class, 0.3/19 on each other): in the top 5, as only one class is more probable."""
+    from experiments.scoring import metric_names, top_k_accuracy
+
+    names = [f"class {i}" for i in range(17)] + ["a/b", "a_b", ".."]
+    labels = np.arange(20)
+    predictions = np.where(labels % 2 == 0, labels, (labels + 1) % 20)  # half right
+    run, model_id, _ = evaluated(tmp_path, names, labels, predictions)
+    metrics = run.data.metrics
+    assert metrics["test_top5_accuracy"] == 1.0  # the true class ties for 2nd: in
+    assert "test_top5_accuracy" in {m.key for m in mlflow.get_logged_model(model_id).metrics}
+    assert metric_names(names)[-3:] == ["a_b", "a_b_18", "class_19"]  # legal in MLflow, and unique
+    assert {"test_recall/class_0", "test_recall/a_b", "test_precision/a_b_18", "test_f1/class_19"} <= set(metrics)
+
+    probabilities = np.tile(np.linspace(1.0, 0.05, 20, dtype=np.float32), (4, 1))  # class i ranked i+1st
+    assert top_k_accuracy(np.array([0, 4, 5, 19]), probabilities, 5) == 0.5
+    probabilities[:, 5] = probabilities[:, 4]  # a tie at the boundary counts as in (tf.math.in_top_k)
+    assert top_k_accuracy(np.array([5]), probabilities[:1], 5) == 1.0
+
+
+def test_evaluation_figures_leave_out_whatever_is_not_finite():
+    """A diverged model's NaN probabilities: no NaN is logged, and the note says what was left out."""
+    from experiments.scoring import TOP5_MIN_CLASSES, confusion_matrix, evaluation_figures
+
+    labels = np.array([0, 1, 1])
+    probabilities = np.array([[0.9, 0.1], [np.nan, np.nan], [0.2, 0.8]], np.float32)
+    predictions = probabilities.argmax(axis=1)
+    figures = evaluation_figures(confusion_matrix(labels, predictions, 2), labels, probabilities, ["a", "b"],
+                                 {"test_accuracy": 2 / 3, "test_loss": float("nan")})
+    assert all(np.isfinite(value) for value in figures.metrics.values())
+    assert "test_loss" not in figures.metrics and "test_log_loss" not in figures.metrics
+    assert figures.metrics["test_accuracy"] == 2 / 3
+    assert figures.notes == ["left out, not finite (are the probabilities finite?): test_log_loss, test_loss"]
+    many = np.eye(TOP5_MIN_CLASSES - 1, dtype=np.float32)
+    assert "test_top5_accuracy" not in evaluation_figures(np.eye(19, dtype=np.int64), np.arange(19), many,
+                                                          [str(i) for i in range(19)]).metrics
 
 
 def test_logged_model_takes_uint8_and_predicts_like_the_trained_model(tiny_npz_dir):

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import re
 import signal
 import subprocess
 import sys
@@ -27,12 +29,11 @@ def search_runs(client=None, **tags):
     return client.search_runs(experiments, query, max_results=1000)
 
 
-TUTORIAL_POINT = {  # cnn_deep with the tutorial's recipe, as params are logged (strings)
-    "conv_blocks": "2", "block1_convs": "2", "block1_width1": "50", "block1_width2": "75", "block1_dropout": "0.25",
-    "block2_convs": "1", "block2_width1": "125", "block2_dropout": "0.25", "dense_layers": "2",
-    "dense1_units": "500", "dense1_dropout": "0.4", "dense2_units": "250", "dense2_dropout": "0.3",
-    "kernel_size": "3", "batch_norm": "False", "augment": "0.0", "optimizer": "adam",
-    "adam_learning_rate": "0.001", "schedule": "constant", "label_smoothing": "0.0", "batch_size": "128",
+TUTORIAL_POINT = {  # cnn_deep with the tutorial's recipe, as a trial's flat params are logged (strings)
+    "optimizer": "adam", "learning_rate": "0.001", "schedule": "constant", "batch_size": "128",
+    "weight_decay": "0.0", "label_smoothing": "0.0", "warmup_fraction": "0.0", "blocks": "2", "widths": "50,75|125",
+    "block_dropouts": "0.25|0.25", "dense_layers": "2", "dense_units": "500,250", "dense_dropouts": "0.4,0.3",
+    "kernel_size": "3", "batch_norm": "false", "augment": "0.0",
 }
 
 
@@ -55,7 +56,7 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
     for run in trials:
         assert run.info.status == "FINISHED"
         assert 0.0 <= run.data.metrics["score"] <= 1.0
-        assert {"conv_blocks", "optimizer", "batch_size", "augment", "batch_norm"} <= set(run.data.params)
+        assert set(TUTORIAL_POINT) <= set(run.data.params)
         history = client.get_metric_history(run.info.run_id, "val_accuracy")  # per epoch, from autolog
         assert 1 <= len(history) <= 2
         assert run.data.metrics["score"] == pytest.approx(max(m.value for m in history))
@@ -65,7 +66,7 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
     # The first trial is the tutorial's cnn_deep with its recipe; the next ones change one thing each.
     by_id = {int(r.data.tags["trial_id"]): r.data.params for r in trials}
     assert {k: by_id[0][k] for k in TUTORIAL_POINT} == TUTORIAL_POINT
-    changed = [{"batch_norm": "True"}, {"schedule": "cosine"}]
+    changed = [{"batch_norm": "true"}, {"schedule": "cosine", "warmup_fraction": "0.05"}]
     for trial_id, change in enumerate(changed, start=1):
         if trial_id in by_id:
             assert {k: by_id[trial_id][k] for k in TUTORIAL_POINT} == {**TUTORIAL_POINT, **change}
@@ -78,6 +79,8 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
     assert best.data.tags["mlflow.parentRunId"] == parent.info.run_id
     assert best.info.status == "FINISHED"
     assert best.data.metrics["test_accuracy"] == pytest.approx(result.test_accuracy)
+    best_params = by_id[int(best.data.tags["trial_id"])]  # the retrained best logs its trial's flat params
+    assert {k: best.data.params[k] for k in TUTORIAL_POINT} == {k: best_params[k] for k in TUTORIAL_POINT}
     [model] = mlflow.search_logged_models(experiment_ids, f"source_run_id = '{best.info.run_id}'",
                                           output_format="list")
     images = np.zeros((2, 32, 32, 3), np.uint8)
@@ -92,6 +95,98 @@ def test_search_logs_parent_trials_and_retrained_best(tuner, tiny_cifar):
     table = client.download_artifacts(parent.info.run_id, "trials.csv")
     assert len(open(table).read().strip().splitlines()) == len(trials) + 1
     assert not search_runs(client) or all(r.info.status != "RUNNING" for r in search_runs(client))
+
+
+NUMBERS = ("learning_rate", "batch_size", "weight_decay", "label_smoothing", "warmup_fraction", "blocks",
+           "dense_layers", "kernel_size", "augment")
+
+
+def assert_documented_format(params: dict) -> None:
+    """Numbers as plain numbers; widths "50,75|125" (',' within a block, '|' between), one dropout per block
+    ("0.25|0.25"), one unit count and dropout per dense layer ("500,250")."""
+    for key in NUMBERS:
+        float(params[key])
+    blocks, dense_layers = int(params["blocks"]), int(params["dense_layers"])
+    assert re.fullmatch(r"\d+(,\d+)*(\|\d+(,\d+)*)*", params["widths"]), params["widths"]
+    assert len(params["widths"].split("|")) == blocks
+    assert [float(d) for d in params["block_dropouts"].split("|")] and len(params["block_dropouts"].split("|")) == blocks
+    assert [int(u) for u in params["dense_units"].split(",")] and len(params["dense_units"].split(",")) == dense_layers
+    assert len([float(d) for d in params["dense_dropouts"].split(",")]) == dense_layers
+    assert params["batch_norm"] in ("true", "false")
+    assert params["optimizer"] in ("adam", "adamw", "sgd") and params["schedule"] in ("constant", "cosine")
+
+
+@pytest.mark.slow
+def test_every_trial_logs_the_same_flat_params_whatever_its_optimizer(tiny_cifar, monkeypatch):
+    """Adam, SGD and AdamW trials (forced by the steps) and a Hyperband trial continuing another: one set of
+    param keys, no conditional hyperparameter's name, and the raw space kept on the parent."""
+    import keras_tuner as kt
+
+    from tuning.spaces import SPACES, TRIAL_PARAMS, choose
+
+    space = dataclasses.replace(SPACES["cifar10"], steps=({"optimizer": "sgd"}, {"optimizer": "adamw"}))
+    monkeypatch.setitem(SPACES, "cifar10", space)
+    # max_epochs 3: bracket 1 trains trials 0-2 for 1 epoch, then trial 3 continues the best for 3.
+    run_search(SearchConfig("cifar10", tuner="hyperband", max_trials=4, max_epochs=3, retrain=False,
+                            data_dir=str(tiny_cifar)))
+    client = mlflow.MlflowClient()
+    trials = {r.data.tags["trial_id"]: r for r in search_runs(client, search_role="trial")}
+    assert sorted(trials) == ["0", "1", "2", "3"] and all(r.info.status == "FINISHED" for r in trials.values())
+    keys = {name: set(r.data.params) for name, r in trials.items()}
+    assert all(k == keys["0"] for k in keys.values()), {name: k ^ keys["0"] for name, k in keys.items()}
+
+    hp = kt.HyperParameters()
+    choose(hp, space)
+    names = {p.name for p in hp.space}
+    assert {"adam_learning_rate", "sgd_learning_rate", "block3_width1"} <= names
+    assert not keys["0"] & (names - set(TRIAL_PARAMS))  # no raw hyperparameter beside the flat ones
+    hyperband = {"tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id"}
+    assert set(TRIAL_PARAMS) | hyperband <= keys["0"]
+    assert not {k for k in keys["0"] if k.startswith(("options.", "recipe.", "optimizer_"))}
+
+    params = {name: r.data.params for name, r in trials.items()}
+    assert [params[n]["optimizer"] for n in "012"] == ["adam", "sgd", "adamw"]
+    assert [params[n]["learning_rate"] for n in "012"] == ["0.001", "0.05", "0.001"]
+    assert [params[n]["weight_decay"] for n in "012"] == ["0.0", "0.0005", "0.05"]
+    for trial_params in params.values():
+        assert_documented_format(trial_params)
+    assert [params[n]["tuner/trial_id"] for n in "012"] == ["none"] * 3
+    assert params["3"]["tuner/trial_id"] in "012" and params["3"]["tuner/epochs"] == "3"
+    assert {k: params["3"][k] for k in TRIAL_PARAMS} == {k: params[params["3"]["tuner/trial_id"]][k] for k in TRIAL_PARAMS}
+
+    [parent] = search_runs(client, search_role="parent")
+    space_file = json.load(open(client.download_artifacts(parent.info.run_id, "search_space.json")))
+    assert {p["config"]["name"] for p in space_file["space"]} == names
+    assert kt.HyperParameters.from_config(space_file).values == hp.values  # it rebuilds the space
+    best = json.load(open(client.download_artifacts(parent.info.run_id, "best_hyperparameters.json")))
+    assert {k: str(v) for k, v in best["params"].items()} == {k: params[best["trial_id"]][k] for k in TRIAL_PARAMS}
+    assert "optimizer" in best["hyperparameters"]  # the raw values too
+    assert parent.data.tags["best.widths"] == params[best["trial_id"]]["widths"]
+
+
+def test_trial_params_are_flat_and_the_same_keys_at_every_point():
+    import keras_tuner as kt
+
+    from tuning.spaces import SPACES, TRIAL_PARAMS, choose, params_of, trial_params
+
+    assert trial_params(choose(kt.HyperParameters(), SPACES["cifar10"])) == {
+        "optimizer": "adam", "learning_rate": 0.001, "schedule": "constant", "batch_size": 128, "weight_decay": 0.0,
+        "label_smoothing": 0.0, "warmup_fraction": 0.0, "blocks": 2, "widths": "50,75|125",
+        "block_dropouts": "0.25|0.25", "dense_layers": 2, "dense_units": "500,250", "dense_dropouts": "0.4,0.3",
+        "kernel_size": 3, "batch_norm": "false", "augment": 0.0}
+    hp = kt.HyperParameters()
+    hp.values.update(conv_blocks=3, block2_convs=2, dense_layers=1, optimizer="sgd", schedule="cosine", batch_norm=True)
+    params = params_of(hp, SPACES["cifar10"])
+    assert params == {**params, "optimizer": "sgd", "learning_rate": 0.05, "weight_decay": 0.0005,
+                      "schedule": "cosine", "warmup_fraction": 0.05, "blocks": 3, "widths": "50,75|125,125|256",
+                      "block_dropouts": "0.25|0.25|0.25", "dense_layers": 1, "dense_units": "500",
+                      "dense_dropouts": "0.4", "batch_norm": "true"}
+    assert "sgd_learning_rate" not in hp.values  # params_of leaves the trial's hyperparameters alone
+    imagenette = params_of(kt.HyperParameters(), SPACES["imagenette"])
+    assert tuple(params) == tuple(imagenette) == TRIAL_PARAMS
+    assert imagenette["widths"] == "32|64|128|128|256" and imagenette["dense_units"] == "256"
+    for values in (params, imagenette):
+        assert_documented_format({k: str(v) for k, v in values.items()})
 
 
 def test_the_tutorial_models_are_points_of_the_search_spaces():
@@ -257,6 +352,7 @@ def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_p
     [parent] = search_runs(client, search_role="parent")
     assert parent.info.status == "FINISHED"
     assert len(search_runs(client, best="true")) == 1
+    assert "search_space.json" in {f.path for f in client.list_artifacts(parent.info.run_id)}
 
 
 @pytest.mark.slow

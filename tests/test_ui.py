@@ -1,7 +1,8 @@
 """The MLflow UI in a real headless Chromium (Debian's chromium + chromedriver, driven by Selenium)
-against a real `mlflow server` on loopback: a finished training run with its metrics and confusion
-matrix, a search's parent run with its trials, and the registered model with its `champion` alias.
-Screenshots go to test-artifacts/ui/."""
+against a real `mlflow server` on loopback: a finished training run with its metrics, system metrics
+and confusion matrix, its logged model, a search's parent run with its trials and their score against
+a hyperparameter, the registered model with its `champion` alias, and the experiment opening in the
+model-training view. Screenshots go to test-artifacts/ui/."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import pytest
 from PIL import Image
 
 from conftest import PROJECT_ROOT, TrackingServer, make_npz
+from experiments.tracking import EXPERIMENT_KIND, EXPERIMENT_KIND_TAG, ui_link
 from experiments.train import TrainConfig, train
 from registry import promote as registry
 from tuning.search import SearchConfig, run_search
@@ -92,6 +94,44 @@ def open_page(driver, server: TrackingServer, route: str) -> None:
     driver.get(f"{server.uri}/#/{route}")
 
 
+def wait_for_script(driver, name: str, script: str, done, what: str):
+    """Wait until `done(result of script)`; returns that result. On a timeout, a `name`-failed screenshot."""
+    try:
+        return WebDriverWait(driver, TIMEOUT, poll_frequency=0.5).until(
+            lambda d: (lambda result: result if done(result) else None)(d.execute_script(script)))
+    except TimeoutException:
+        screenshot(driver, f"{name}-failed")
+        pytest.fail(f"{driver.current_url} never showed {what} in {TIMEOUT} s; it shows:\n{body_text(driver)[:3000]}")
+
+
+def choose(driver, select_id: str, label: str, value: str) -> None:
+    """Pick `label` in the UI's select `select_id`: a parameter and a metric may share a label (learning_rate
+    is both on a trial), so the option is the one after which the select holds `value` (param-x, metric-y)."""
+    for attempt in range(3):
+        driver.find_element(By.ID, select_id).click()
+        options = WebDriverWait(driver, TIMEOUT).until(lambda d: [
+            o for o in d.find_elements(By.CSS_SELECTOR, "[role=listbox] [role=option]") if o.text.strip() == label])
+        option = options[min(attempt, len(options) - 1)]
+        driver.execute_script("arguments[0].scrollIntoView({block: 'center'})", option)
+        option.click()
+        try:
+            WebDriverWait(driver, 10).until(lambda d: d.find_element(By.ID, select_id).get_attribute("value") == value)
+            return
+        except TimeoutException:
+            continue
+    screenshot(driver, f"{select_id}-failed")
+    pytest.fail(f"{select_id} never held {value} after choosing {label!r}")
+
+
+def coloured_pixels(png: bytes) -> int:
+    """Pixels of a saturated colour (a plotted point; axes, grid and labels are grey)."""
+    import io
+
+    with Image.open(io.BytesIO(png)) as image:
+        return sum(count for count, (r, g, b) in image.convert("RGB").getcolors(maxcolors=1 << 24)
+                   if max(r, g, b) - min(r, g, b) > 80)
+
+
 def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromium(tmp_path, monkeypatch, browser):
     started = time.time()
     # No telemetry, and no job-runner processes (7 huey consumers, for GenAI jobs): the UI needs neither.
@@ -99,6 +139,8 @@ def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromiu
     server = TrackingServer(tmp_path / "server", env=quiet).start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
+        # System metrics every 0.5 s (the project's default is 2 s): the few seconds of the tiny run get samples.
+        monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.5")
         mlflow.set_tracking_uri(server.uri)
         mlflow.set_registry_uri(server.uri)
         data_dir = tmp_path / "data"
@@ -128,6 +170,20 @@ def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromiu
         assert sorted(c.info.run_name for c in children) == ["trial-0", "trial-1"]
         champion = client.get_model_version_by_alias("mnist", "champion")
         assert champion.run_id == run.info.run_id
+        experiments = {name: client.get_experiment_by_name(name) for name in ("mnist", "cifar10")}
+        for experiment in experiments.values():
+            assert experiment.tags.get(EXPERIMENT_KIND_TAG) == EXPERIMENT_KIND, (experiment.name, experiment.tags)
+        system = sorted(k for k in run.data.metrics if k.startswith("system/"))
+        assert "system/cpu_utilization_percentage" in system, f"the training run logged no system metrics: {system}"
+        samples = client.get_metric_history(run.info.run_id, "system/cpu_utilization_percentage")
+        assert len(samples) >= 2, f"{len(samples)} samples of system/cpu_utilization_percentage: no line to draw"
+        # The training's logged model (promote logs a second one, `serving`, to the same run).
+        [model] = mlflow.search_logged_models(
+            experiment_ids=[run.info.experiment_id], output_format="list",
+            filter_string=f"source_run_id = '{run.info.run_id}' AND name = 'model'")
+        [model_accuracy] = [m for m in model.metrics if m.key == "test_accuracy"] or [None]
+        assert model_accuracy, f"logged model {model.model_id} has no test_accuracy: {[m.key for m in model.metrics]}"
+        assert model_accuracy.value == run.data.metrics["test_accuracy"]
 
         # The UI is up; then no assistant side panel over the pages (it would take a third of every
         # screenshot). The pages below are then the single-page app's own navigations.
@@ -149,6 +205,36 @@ def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromiu
         for name in metrics:  # each metric is a row of the table, not just a word in a tag or a param
             assert re.search(rf"^{re.escape(name)}\n[-+0-9.e]+$", text, re.M), f"no row for metric {name}"
         assert f"{run.data.metrics['test_accuracy']}" in text
+        run_accuracy = re.search(r"^test_accuracy\n([-+0-9.e]+)$", text, re.M).group(1)  # as the UI shows it
+
+        # 1b. Its system metrics tab: a chart per system metric, each drawing its samples as a line.
+        open_page(browser, server, f"{run_route}/system-metrics")
+        text = wait_for_text(browser, "training-run-system-metrics", re.compile(rf"System metrics\s*\({len(system)}\)"),
+                             *(f"{run.info.run_name} ({key})" for key in system))
+        assert "No charts in this section" not in text
+        for key in system:  # each chart is titled with the metric's name
+            assert re.search(rf"^{re.escape(key.removeprefix('system/'))}$", text, re.M), f"no chart for {key}"
+        lines = "return [...document.querySelectorAll('.js-plotly-plot')].map(p => [p.closest('[data-testid]')" \
+                "?.innerText.split('\\n')[0], [...p.querySelectorAll('.scatterlayer path.js-line')]" \
+                ".some(l => (l.getAttribute('d') || '').includes('L'))])"  # a line through 2 samples or more
+        drawn = wait_for_script(browser, "training-run-system-metrics", lines,
+                                lambda charts: charts and len(charts) == len(system) and all(d for _, d in charts),
+                                f"{len(system)} system metric charts with lines")
+        assert "cpu_utilization_percentage" in {title for title, _ in drawn}, drawn
+        screenshot(browser, "training-run-system-metrics")  # again, now that every line is drawn
+
+        # 1c. Its logged model's page (the experiment's Models tab links to it): the run's test_accuracy,
+        # on the test split's dataset. The page's metrics table scrolls: its search box shows the one row.
+        open_page(browser, server, f"experiments/{run.info.experiment_id}/models/{model.model_id}")
+        wait_for_text(browser, "logged-model", model.model_id, "Metrics (", run.info.run_name)
+        browser.find_element(By.CSS_SELECTOR, "input[placeholder='Search metrics']").send_keys("test_accuracy")
+        text = wait_for_text(browser, "logged-model", re.compile(r"^test_accuracy$", re.M),
+                             model_accuracy.dataset_name)
+        row = re.search(rf"^test_accuracy\n(.*)\n{re.escape(run.info.run_name)}\n([-+0-9.e]+)$", text, re.M)
+        assert row, f"no test_accuracy row (metric, dataset, source run, value) on the model page:\n{text[:3000]}"
+        assert model_accuracy.dataset_name in row.group(1)
+        assert row.group(2) == run_accuracy, f"test_accuracy {row.group(2)} on the model, {run_accuracy} on the run"
+        assert float(row.group(2)) == pytest.approx(run.data.metrics["test_accuracy"], abs=5e-5)
 
         # 2. Its artifacts tab, opened at the confusion matrix: the file in the tree, and the image shown.
         open_page(browser, server, f"{run_route}/artifacts/{confusion}")
@@ -172,14 +258,61 @@ def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromiu
         assert {"trial-0", "trial-1"} <= child_links, child_links  # each a link to its run
         assert re.search(r"search_role\s*:\s*parent", text)
 
+        # 3b. Its trials compared (the runs table's Compare): a scatter plot of score against learning_rate,
+        # a point per trial, drawn (plotly's WebGL scatter: the points are pixels, not SVG elements).
+        trial_ids = ",".join(f'"{c.info.run_id}"' for c in children)
+        open_page(browser, server, f'compare-runs?runs=[{trial_ids}]&experiments=["{parent.info.experiment_id}"]')
+        wait_for_text(browser, "search-trials-scatter", f"Comparing {len(children)} Runs", "Scatter Plot",
+                      *(c.info.run_name for c in children))
+        browser.find_element(By.XPATH, "//button[@role='tab'][normalize-space()='Scatter Plot']").click()
+        choose(browser, "x-axis-selector", "learning_rate", "param-learning_rate")
+        choose(browser, "y-axis-selector", "score", "metric-score")
+        plot = "const p = document.querySelector('[role=tabpanel][data-state=active] .js-plotly-plot');" \
+               "return p && p.data && [p.querySelector('.xtitle')?.textContent," \
+               " p.querySelector('.ytitle')?.textContent," \
+               " p.data.flatMap(t => t.x.map((x, i) => [Number(x), t.y[i]]))]"
+        shown = wait_for_script(browser, "search-trials-scatter", plot,
+                                lambda p: p and p[:2] == ["learning_rate", "score"] and len(p[2]) == len(children),
+                                "a scatter plot of score against learning_rate")
+        expected = sorted((float(c.data.params["learning_rate"]), c.data.metrics["score"]) for c in children)
+        assert [pytest.approx(point) for point in expected] == sorted(map(tuple, shown[2])), (shown[2], expected)
+        figure = browser.find_element(By.CSS_SELECTOR, "[role=tabpanel][data-state=active] .js-plotly-plot")
+        try:  # the points drawn, in the plot's own colour
+            WebDriverWait(browser, TIMEOUT).until(lambda _: coloured_pixels(figure.screenshot_as_png) > 20)
+        except TimeoutException:
+            screenshot(browser, "search-trials-scatter-failed")
+            pytest.fail("the scatter plot of score against learning_rate draws no points")
+        screenshot(browser, "search-trials-scatter")
+
         # 4. The registered model: the champion alias on the promoted version.
         open_page(browser, server, "models/mnist")
         text = wait_for_text(browser, "registered-model", "mnist", f"Version {champion.version}",
                              re.compile(r"@\s*champion"), "Image classifier for mnist")
         assert re.search(r"source_run\s*:\s*" + run.info.run_id[:8], text)
+
+        # 5. The experiment, through the project's link (a fresh browser: no view chosen in the sidebar yet;
+        # MLflow 3.17 picks the view per browser, not from the experiment's kind tag): the model-training
+        # view (its Runs and Models, the runs table), not GenAI's (Overview, Sessions, Judges, Prompts,
+        # Agent versions). Last: a failure here hides no other page's check.
+        mnist = experiments["mnist"].experiment_id
+        browser.get(ui_link(server.uri, mnist))
+        settled = rf"#/experiments/{mnist}/\w"  # the experiment page has chosen its landing tab
+        landed = wait_for_script(
+            browser, "experiment", "return [location.href, document.body.innerText]",
+            lambda r: re.search(settled, r[0]) and ("Run Name" in r[1] or "Agent versions" in r[1]),
+            "either view of the experiment")
+        screenshot(browser, "experiment")
+        url, text = landed
+        genai = [t for t in ("Agent versions", "Sessions", "Judges", "Token Usage") if re.search(rf"^{t}$", text, re.M)]
+        assert f"/experiments/{mnist}/runs" in url and "workflowType=genai" not in url and not genai, (
+            f"experiment mnist (tagged {EXPERIMENT_KIND_TAG}={EXPERIMENT_KIND}) opened at {url}, not in the "
+            f"model-training view; GenAI's {genai} are shown:\n{text[:1500]}")
+        text = wait_for_text(browser, "experiment", run.info.run_name, "Run Name")
+        assert re.search(r"^Runs$", text, re.M) and re.search(r"^Models$", text, re.M), text[:1500]
     finally:
         server.stop()
 
-    for name in ("training-run", "training-run-confusion-matrix", "search-parent-run", "registered-model"):
+    for name in ("training-run", "training-run-system-metrics", "training-run-confusion-matrix", "logged-model",
+                 "search-parent-run", "search-trials-scatter", "registered-model", "experiment"):
         assert_real_screenshot(name)
     print(f"content made in {made - started:.0f} s, pages checked in {time.time() - made:.0f} s")

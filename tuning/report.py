@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
+from tuning.spaces import Space, params_of
+
 # The hyperparameters that most change a score, each given its own panel in the plot.
-MAIN_HYPERPARAMETERS = ("optimizer", "learning_rate", "batch_norm", "augment", "conv_blocks", "batch_size")
+MAIN_HYPERPARAMETERS = ("optimizer", "learning_rate", "batch_norm", "augment", "blocks", "batch_size")
 
 
-def trials_table(trials: list, runs: dict):
-    """One row per Keras Tuner trial: id, status, score, best epoch, MLflow run id, hyperparameters."""
+def trials_table(trials: list, runs: dict, space: Space):
+    """One row per Keras Tuner trial: id, status, score, best epoch, MLflow run id, and the trial's params
+    (`tuning.spaces.trial_params`: the same columns, all filled, whichever optimizer or depth it chose)."""
     import pandas as pd
 
     rows = []
     for trial in sorted(trials, key=lambda t: t.trial_id):
         run = runs.get(trial.trial_id)
-        values = dict(trial.hyperparameters.values)
-        # One learning-rate column whatever the optimizer.
-        values["learning_rate"] = values.get("adam_learning_rate", values.get("sgd_learning_rate"))
+        values = params_of(trial.hyperparameters, space)
         rows.append({
             "trial_id": trial.trial_id,
             "status": str(trial.status),

@@ -31,13 +31,15 @@ from experiments.tracking import (
     TRIAL_ID_TAG,
     check_tracking_server,
     connect,
+    start_run,
 )
 from experiments.train import TrainConfig, load_data, train
-from tuning.spaces import choose, get_space
+from tuning.spaces import choose, get_space, params_of, trial_params
+from tuning.state import OBJECTIVE, TUNERS, tuner_dir
 from tuning.tracking import Tracker, resolve_parent
-from tuning.tuner import KINDS, OBJECTIVE, Deadline, make_tuner, tuner_dir
 
-TUNERS = tuple(KINDS)  # hyperband, bayesian, random
+# Keras and Keras Tuner (tuning.tuner) are imported where a search starts, so that `--help` and bad
+# arguments answer at once, not after TensorFlow's import.
 
 
 @dataclasses.dataclass
@@ -130,13 +132,17 @@ def run_search(config: SearchConfig, callbacks=()):
     tracker = Tracker(config, parent_id)
     if not is_worker:
         log_search_params(tracker, config)
+    import keras
+    import tensorflow as tf
+
+    from tuning.tuner import Deadline, make_tuner
+
+    tf.get_logger().setLevel("ERROR")  # every trial builds a new model: retracing warnings are expected
     started = time.time()
     tuner = make_tuner(config, None if is_chief else tracker)
     if not is_worker:
+        tracker.log_search_space(tuner.oracle.hyperparameters)
         tracker.reconcile(tuner.oracle.trials, started)
-
-    import keras
-
     callbacks = [
         keras.callbacks.EarlyStopping(monitor=OBJECTIVE, mode="max", patience=config.patience),
         Deadline(tuner.search_state.deadline),
@@ -175,7 +181,7 @@ def summarize(tuner, tracker: Tracker, config: SearchConfig):
     parent_id = tracker.parent.info.run_id
     oracle = tuner.oracle
     runs = {r.data.tags.get(TRIAL_ID_TAG): r for r in tracker.children(ROLE_TRIAL) if r.info.status == "FINISHED"}
-    table = reporting.trials_table(list(oracle.trials.values()), runs)
+    table = reporting.trials_table(list(oracle.trials.values()), runs, get_space(config.dataset))
     if table.empty:
         print("no trial finished; nothing to summarize", flush=True)
         return None
@@ -192,13 +198,15 @@ def summarize(tuner, tracker: Tracker, config: SearchConfig):
     best_row = scored.sort_values(["score", "trial_id"], ascending=[False, True]).iloc[0]
     best_trial = oracle.trials[best_row["trial_id"]]
     values = {k: v for k, v in best_trial.hyperparameters.values.items() if not k.startswith("tuner/")}
+    params = params_of(best_trial.hyperparameters, get_space(config.dataset))
     tracker.client.log_metric(parent_id, "best_score", float(best_row["score"]))
+    # The tuner's raw values (they rebuild the point in Keras Tuner) and the flat params the trials log.
     tracker.client.log_dict(parent_id, {"trial_id": best_trial.trial_id, "score": float(best_row["score"]),
-                                        "hyperparameters": values}, "best_hyperparameters.json")
-    for key, value in values.items():
+                                        "hyperparameters": values, "params": params}, "best_hyperparameters.json")
+    for key, value in params.items():
         tracker.client.set_tag(parent_id, f"best.{key}", str(value))
     tracker.client.set_tag(parent_id, "best_trial_id", best_trial.trial_id)
-    print(f"best trial {best_trial.trial_id}: {OBJECTIVE}={best_row['score']:.4f} {json.dumps(values)}", flush=True)
+    print(f"best trial {best_trial.trial_id}: {OBJECTIVE}={best_row['score']:.4f} {json.dumps(params)}", flush=True)
     if not config.retrain:
         return None
     # A trial Hyperband stopped short (a low bracket) tells which configuration, not how long:
@@ -229,8 +237,8 @@ def retrain_best(tracker: Tracker, config: SearchConfig, trial, epochs: int):
         DATASET_TAG: config.dataset,
     }
     run = tracker.client.create_run(tracker.experiment_id, run_name=f"{config.search_name}-best", tags=tags)
-    with mlflow.start_run(run_id=run.info.run_id):
-        mlflow.log_params({k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")})
+    with start_run(run_id=run.info.run_id):  # system metrics as in every training run
+        mlflow.log_params(trial_params(choice))  # the trials' keys; Hyperband's tuner/* say nothing here
         result = train(train_config)
     tracker.client.log_metric(tracker.parent.info.run_id, "best_test_accuracy", result.test_accuracy)
     return result
@@ -261,9 +269,6 @@ def search_command(argv=None) -> None:
 def main(argv=None) -> int:
     # SIGTERM unwinds like Ctrl-C, so open trial runs are closed as KILLED rather than left RUNNING.
     signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
-    import tensorflow as tf
-
-    tf.get_logger().setLevel("ERROR")  # every trial builds a new model: retracing warnings are expected
     return run_main(lambda: search_command(argv))
 
 

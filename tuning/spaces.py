@@ -79,8 +79,8 @@ def get_space(dataset: str) -> Space:
 def choose(hp, space: Space) -> dict:
     """Register the space's hyperparameters on `hp` and return the chosen TrainConfig fields.
 
-    Conditional hyperparameters (block 3's widths, SGD's learning rate) are active, and so logged,
-    only in trials that use them.
+    Conditional hyperparameters (block 3's widths, SGD's learning rate) are active only in trials that
+    use them; a trial's MLflow params are `trial_params()` of this choice, the same keys in every trial.
     """
     n_blocks = hp.Int("conv_blocks", space.min_blocks, space.max_blocks, default=len(space.blocks))
     blocks = []
@@ -137,3 +137,45 @@ def choose(hp, space: Space) -> dict:
         "learning_rate": sgd_rate if optimizer == "sgd" else adam_rate,
         "batch_size": hp.Choice("batch_size", (64, 128, 256), default=128),
     }
+
+
+# A trial's params, one column per idea whatever the conditional hyperparameters that chose it, so that
+# every trial (and the retrained best) of every search logs these keys and no others.
+TRIAL_PARAMS = ("optimizer", "learning_rate", "schedule", "batch_size", "weight_decay", "label_smoothing",
+                "warmup_fraction", "blocks", "widths", "block_dropouts", "dense_layers", "dense_units",
+                "dense_dropouts", "kernel_size", "batch_norm", "augment")
+
+
+def trial_params(choice: dict) -> dict:
+    """Flat scalar params of the TrainConfig fields `choose()` returned.
+
+    `widths` is the convs' filter counts, ',' within a block and '|' between blocks ("50,75|125");
+    `block_dropouts` one rate per block ("0.25|0.25"); `dense_units` and `dense_dropouts` one per dense
+    layer ("500,250", "0.4,0.3"). `learning_rate` and `batch_size` are the very objects the TrainConfig
+    gets, so they read the same as train() logs them.
+    """
+    options, recipe = choice["options"], choice["recipe"]
+    blocks, dense = options["blocks"], options["dense"]
+    return {
+        "optimizer": recipe["optimizer"],
+        "learning_rate": choice["learning_rate"],
+        "schedule": recipe["schedule"],
+        "batch_size": choice["batch_size"],
+        "weight_decay": recipe["weight_decay"],
+        "label_smoothing": recipe["label_smoothing"],
+        "warmup_fraction": recipe["warmup_fraction"],
+        "blocks": len(blocks),
+        "widths": "|".join(",".join(str(width) for width in widths) for widths, _ in blocks),
+        "block_dropouts": "|".join(str(dropout) for _, dropout in blocks),
+        "dense_layers": len(dense),
+        "dense_units": ",".join(str(units) for units, _ in dense),
+        "dense_dropouts": ",".join(str(dropout) for _, dropout in dense),
+        "kernel_size": options["kernel_size"],
+        "batch_norm": str(bool(options["batch_norm"])).lower(),
+        "augment": options["augment"],
+    }
+
+
+def params_of(hp, space: Space) -> dict:
+    """`trial_params()` of the point `hp` holds (a trial's hyperparameters), leaving `hp` untouched."""
+    return trial_params(choose(hp.copy(), space))

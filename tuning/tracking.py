@@ -16,14 +16,26 @@ from experiments.tracking import (
     TRIAL_ID_TAG,
     launched_run_id,
     mark_experiment_kind,
+    start_run,
     use_experiment,
 )
-from tuning.spaces import get_space
+from tuning.spaces import get_space, params_of
 
 if TYPE_CHECKING:
     from tuning.search import SearchConfig
 
 PARENT_RUN_ENV = "CNN_SEARCH_PARENT_RUN_ID"  # set by tuning.distributed for the chief and its workers
+SEARCH_SPACE_ARTIFACT = "search_space.json"  # on the parent: the tuner's raw space, HyperParameters.get_config()
+# Hyperband's bookkeeping in a trial's values: its epoch budget, where it starts, its bracket and round
+# (all always set), and the trial whose model it trains on (set from round 1 on; "none" before).
+HYPERBAND_PARAMS = ("tuner/epochs", "tuner/initial_epoch", "tuner/bracket", "tuner/round", "tuner/trial_id")
+
+
+def tuner_params(values: dict, tuner: str) -> dict:
+    """A trial's Keras Tuner bookkeeping as params: Hyperband's, the same keys in every one of its trials."""
+    if tuner != "hyperband":
+        return {}
+    return {key: values.get(key, "none") for key in HYPERBAND_PARAMS}
 
 
 class Tracker:
@@ -64,8 +76,18 @@ class Tracker:
         }
         run = self.client.create_run(self.experiment_id, run_name=f"trial-{trial.trial_id}", tags=tags)
         self.runs[trial.trial_id] = run.info.run_id
-        mlflow.start_run(run_id=run.info.run_id)
-        mlflow.log_params({name: value for name, value in hp.values.items()})
+        start_run(run_id=run.info.run_id)  # with system metrics, as every training run
+        # Flat params, not hp.values: a conditional hyperparameter (adam_/sgd_learning_rate, block3_*) is set
+        # only in the trials that use it, which leaves half-empty columns in MLflow's compare view.
+        params = params_of(hp, get_space(self.config.dataset))
+        mlflow.log_params({**params, **tuner_params(hp.values, self.config.tuner)})
+
+    def log_search_space(self, hyperparameters) -> None:
+        """The tuner's search space (names, ranges, conditions, defaults) on the parent, once: a resumed
+        search reloads the same space, and one started before this artifact existed gets it now."""
+        parent_id = self.parent.info.run_id
+        if SEARCH_SPACE_ARTIFACT not in {f.path for f in self.client.list_artifacts(parent_id)}:
+            self.client.log_dict(parent_id, hyperparameters.get_config(), SEARCH_SPACE_ARTIFACT)
 
     def end_trial(self, trial, score: float | None, best_epoch: int | None) -> None:
         import mlflow

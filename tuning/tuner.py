@@ -6,30 +6,20 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import time
-from pathlib import Path
 from typing import TYPE_CHECKING
 
 import keras
 import keras_tuner as kt
 from keras_tuner.engine.trial import Trial, TrialStatus
 
-from experiments.tracking import PROJECT_ROOT
 from experiments.train import load_data, train
-from tuning.spaces import choose, get_space
+from tuning.spaces import choose, get_space, params_of
+from tuning.state import OBJECTIVE, TUNERS, tuner_dir
 from tuning.tracking import Tracker
 
 if TYPE_CHECKING:
     from tuning.search import SearchConfig
-
-OBJECTIVE = "val_accuracy"
-
-
-def tuner_dir() -> Path:
-    """Where Keras Tuner keeps each search's state: <dir>/<search_name>/."""
-    return Path(os.environ.get("CNN_TUNER_DIR") or PROJECT_ROOT / "tuner_state")
-
 
 @dataclasses.dataclass
 class SearchState:
@@ -167,7 +157,7 @@ class TrackedTuner:
         # A worker's oracle is a client of the chief's, which lists no trials: the best is then this one.
         done = [t for t in getattr(self.oracle, "trials", {}).values() if t.score is not None]
         best = max([t.score for t in done] + ([score] if score is not None else []), default=None)
-        values = {k: v for k, v in trial.hyperparameters.values.items() if not k.startswith("tuner/")}
+        values = params_of(trial.hyperparameters, get_space(self.search_state.config.dataset))
         score_text = f"{score:.4f}" if score is not None else f"none ({trial.status})"
         best_text = f"{best:.4f}" if best is not None else "none"
         state = self.search_state
@@ -192,6 +182,7 @@ class TrackedRandomSearch(TrackedTuner, kt.RandomSearch):
 
 KINDS = {"hyperband": (HyperbandStepsOracle, TrackedHyperband), "bayesian": (BayesianStepsOracle, TrackedBayesian),
          "random": (RandomStepsOracle, TrackedRandomSearch)}
+assert tuple(KINDS) == TUNERS, "tuning.state.TUNERS names the kinds before TensorFlow is imported"
 
 
 def make_tuner(config: SearchConfig, tracker: Tracker | None):

@@ -208,6 +208,7 @@ def check_dataset_args(name, data_dir, image_size, limit, test_fraction) -> None
 from experiments.datasets.arrays import array_split, from_arrays, from_npz  # noqa: E402
 from experiments.datasets.local import IMAGE_SUFFIXES, dataset_root, find_local, from_folder, unpack  # noqa: E402
 from experiments.datasets.splits import (  # noqa: E402
+    fit_splits,
     holdout,
     sample_images,
     split_train_test,

@@ -34,6 +34,14 @@ def split_train_test(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
+def fit_splits(data, validation_fraction: float, seed: int) -> tuple:
+    """((split, context), (split, context)): what a model fits on, and what it is validated on."""
+    if validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
+        fit_split, validation_split = holdout(data.train, validation_fraction, seed)
+        return (fit_split, "training"), (validation_split, "validation")
+    return (data.train, "training"), (data.test, "testing")  # the tutorial's way
+
+
 def holdout(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
     """Seeded stratified (rest, held-out) parts of a split: validation data that is not the test split."""
     import tensorflow as tf
