@@ -21,14 +21,12 @@ MLFLOW_VALUES_MAX_CLASSES = 10
 MLFLOW_PREFIX = "test_"
 
 
-def standard_evaluation(labels: np.ndarray, predictions: np.ndarray, class_names: list[str], dataset,
-                        model_id: str) -> dict:
+def standard_evaluation(labels: np.ndarray, predictions: np.ndarray, class_names: list[str], dataset) -> dict:
     """MLflow's classifier evaluation of the test predictions (mlflow.models.evaluate with static
     predictions, by class name): accuracy, macro precision, recall and F1 (with two classes MLflow
     reports the binary figures of the class whose name sorts last), `test_confusion_matrix.png` and
-    `per_class_metrics.csv`, in the active run; its metrics linked to the model `model_id` and to
-    `dataset` (the test split's `mlflow.data` dataset: the evaluation rows are logged as the same
-    dataset, same name and digest). Returns its metrics."""
+    `per_class_metrics.csv`, in the active run, on `dataset` (the test split's `mlflow.data` dataset:
+    the evaluation rows are logged as the same dataset, same name and digest). Returns its metrics."""
     import mlflow
     import pandas as pd
 
@@ -43,11 +41,10 @@ def standard_evaluation(labels: np.ndarray, predictions: np.ndarray, class_names
         "log_model_explainability": False,  # no SHAP: there is no model to explain, only predictions
     }
     with quiet_evaluation(len(class_names)):
-        # Not model_id=model_id: MLflow 3.17 then logs every figure twice at step 0 (its evaluator,
-        # then evaluate() again), two values per step in the run and on the model. Linked below.
+        # No model_id: MLflow 3.17 then logs every figure twice at step 0 (its evaluator, then
+        # evaluate() again), two values per step in the run and on the model. The caller links them.
         result = mlflow.models.evaluate(data=rows, model_type="classifier", evaluators="classifier",
                                         evaluator_config=config)
-    link_to_model(list(result.metrics), model_id, dataset)
     return result.metrics
 
 
@@ -75,22 +72,6 @@ def quiet_evaluation(num_classes: int):
     finally:
         ConfusionMatrixDisplay.plot = plot
         logger.setLevel(level)
-
-
-def link_to_model(names: list[str], model_id: str, dataset) -> None:
-    """Each metric's latest value in the active run, linked to the model and the dataset: re-logged with
-    its timestamp, step and value, which MLflow stores once in the run."""
-    import mlflow
-    from mlflow.entities import Metric
-
-    client = mlflow.MlflowClient()
-    run_id = mlflow.active_run().info.run_id
-    latest = [max(client.get_metric_history(run_id, name), key=lambda m: m.timestamp) for name in names]
-    client.log_batch(run_id, metrics=[
-        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id, dataset_name=dataset.name,
-               dataset_digest=dataset.digest)
-        for m in latest
-    ])
 
 
 def plot_confusion_matrix(matrix: np.ndarray, class_names: list[str]):

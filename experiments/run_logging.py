@@ -216,7 +216,10 @@ def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, ac
         mlflow.log_figure(figure, path)
         plt.close(figure)
     # MLflow's last: should it fail (and the run with it), the model and all of ours are logged already.
-    evaluate.standard_evaluation(labels, predictions, data.class_names, dataset, model_id)
+    standard = evaluate.standard_evaluation(labels, predictions, data.class_names, dataset)
+    client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
+    link_metrics(client, run_id, model_id, [client.get_metric_history(run_id, name)[-1] for name in standard],
+                 dataset)
 
 
 def model_signature(data: ImageData):
@@ -255,11 +258,14 @@ def link_final_epoch(model_id: str, history: dict) -> None:
                                             client.get_metric_history(run_id, name) if metric.step == last_step])
 
 
-def link_metrics(client, run_id: str, model_id: str, metrics: list) -> None:
-    """Link a run's logged metrics to a model: re-logged with the same timestamp, step, value and dataset,
-    which MLflow stores once in the run (as log_model's own link does)."""
+def link_metrics(client, run_id: str, model_id: str, metrics: list, dataset=None) -> None:
+    """Link a run's logged metrics to a model (and to `dataset`, else to the dataset they name): re-logged
+    with the same timestamp, step and value, which MLflow stores once in the run (as log_model's own
+    link does)."""
     from mlflow.entities import Metric
 
-    client.log_batch(run_id, metrics=[Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
-                                             dataset_name=m.dataset_name, dataset_digest=m.dataset_digest)
-                                      for m in metrics])
+    client.log_batch(run_id, metrics=[
+        Metric(m.key, m.value, m.timestamp, m.step, model_id=model_id,
+               dataset_name=dataset.name if dataset else m.dataset_name,
+               dataset_digest=dataset.digest if dataset else m.dataset_digest)
+        for m in metrics])
