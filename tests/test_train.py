@@ -567,3 +567,22 @@ def test_take_returns_the_asked_images_in_the_asked_order():
     picked = take_images(split, np.array([2047, 3, 1024, 2499, 3]))
     assert picked[:, 0, 0, 0].tolist() == [2047, 3, 1024, 2499, 3]
     assert take_images(split, np.array([], np.int64)).shape[0] == 0
+
+
+@pytest.mark.slow
+def test_training_shows_a_live_progress_bar_on_a_terminal_and_one_line_per_epoch_in_logs():
+    import os
+    import pty
+    import subprocess
+    import sys
+
+    probe = [sys.executable, "-c", "from experiments.fit import progress_verbosity; print(progress_verbosity())"]
+    logged = subprocess.run(probe, capture_output=True, text=True, timeout=120, cwd=PROJECT_ROOT)
+    assert logged.stdout.strip() == "2"  # Keras's one line per epoch
+    main, terminal = pty.openpty()
+    try:
+        subprocess.run(probe, stdout=terminal, stderr=subprocess.DEVNULL, timeout=120, cwd=PROJECT_ROOT, check=True)
+        assert os.read(main, 100).decode().strip() == "1"  # Keras's live progress bar
+    finally:
+        os.close(main)
+        os.close(terminal)
