@@ -9,6 +9,7 @@ import matplotlib
 
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
+import mlflow.models.evaluation.evaluators.classifier  # noqa: E402,F401 (imported up front: see run_logging)
 import numpy as np  # noqa: E402
 
 # Beyond this many classes our confusion matrix (plots/confusion_matrix.png) shows no per-cell counts.

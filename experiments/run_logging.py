@@ -13,6 +13,9 @@ from pathlib import Path
 import numpy as np
 from mlflow.keras import MlflowCallback
 
+# Before any run starts, not when it ends: importing MLflow's evaluation modules while the run's system
+# metrics thread logs can deadlock in MLflow's import hooks (a training hung in CI, MLflow 3.17.2).
+from experiments import evaluate, scoring
 from experiments.datasets import ImageData, take_images, takes_image_size
 from experiments.models import Recipe, get_model_entry
 from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, TRIAL_ID_TAG, git_state
@@ -188,8 +191,6 @@ def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, ac
     Also the per-class table, the confusion matrix as JSON, and the plots."""
     import matplotlib.pyplot as plt
     import mlflow
-
-    from experiments import evaluate, scoring  # matplotlib: only when a run ends, not at every command's start-up
 
     labels = data.test.labels
     predictions = probabilities.argmax(axis=1)

@@ -7,14 +7,23 @@ tuning, promotion and the report write and read are defined here and nowhere els
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import logging
 import os
 import subprocess
+import sys
 from pathlib import Path
 
 from experiments.errors import UserError
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+# MLflow probes for Databricks' `dbruntime` on every request to a tracking server, from whichever
+# thread sends it (system metrics, async metric logging): an import attempt that, under MLflow 3.17's
+# import hooks, can deadlock with an import on the main thread (a training hung in CI). Where it is not
+# installed, a None entry makes the probe fail at once, without the import machinery's locks.
+if importlib.util.find_spec("dbruntime") is None:
+    sys.modules.setdefault("dbruntime", None)
 
 # Tags every training run carries, and the registry reads.
 DATASET_TAG = "dataset"

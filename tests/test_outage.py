@@ -24,7 +24,8 @@ def finished_epochs() -> int:
 
 @pytest.mark.slow
 def test_training_outlives_a_30_second_tracking_server_outage(tmp_path, tracking_server):
-    make_npz(tmp_path / "mnist.npz", n_train=1200, n_test=100)
+    # Epochs of about 2 s here: tracking never blocks training, so short ones would all fit in the outage.
+    make_npz(tmp_path / "mnist.npz", n_train=3000, n_test=100)
     log = open(tmp_path / "train.log", "w")
     training = subprocess.Popen(
         [sys.executable, "-m", "experiments.train", "--dataset", "mnist", "--arch", "cnn_simple",
