@@ -180,6 +180,42 @@ def test_npz_with_missing_keys_or_wrong_dtype_is_refused(tmp_path):
         load_dataset("mnist", data_dir=tmp_path)
 
 
+def test_a_compressed_npz_is_decoded_once_into_the_cache_then_memory_mapped(tmp_path):
+    # The lossless CIFAR-10 copy's members are LZMA-compressed: about 11 s per load if decoded every time.
+    plain = make_npz(tmp_path / "plain.npz")
+    with np.load(plain) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    np.savez_compressed(tmp_path / "mnist.npz", **arrays)
+    first = load_dataset("mnist", data_dir=tmp_path)
+    decoded = list((cache_dir() / "decoded").iterdir())
+    assert [folder.name.split("-")[0] for folder in decoded] == ["mnist"]
+    assert sorted(p.name for p in decoded[0].iterdir()) == ["x_test.npy", "x_train.npy", "y_test.npy", "y_train.npy"]
+    again = datasets.arrays.read_npz(tmp_path / "mnist.npz")
+    assert isinstance(again["x_train"], np.memmap)  # read from the cache, not decoded again
+    np.testing.assert_array_equal(again["x_train"], arrays["x_train"])
+    assert load_dataset("mnist", data_dir=tmp_path).train.digest == first.train.digest
+    # A replaced file has another digest: it is decoded anew, never served from the old copy.
+    arrays["y_test"] = (arrays["y_test"] + 1) % 3
+    np.savez_compressed(tmp_path / "mnist.npz", **arrays)
+    np.testing.assert_array_equal(load_dataset("mnist", data_dir=tmp_path).test.labels, arrays["y_test"])
+    assert len(list((cache_dir() / "decoded").iterdir())) == 2
+    assert not list((cache_dir() / "decoded").glob(".partial-*"))  # staging folders never stay behind
+
+
+def test_a_stored_npz_is_read_as_it_is_without_a_cached_copy(tiny_npz_dir):
+    load_dataset("mnist", data_dir=tiny_npz_dir)
+    assert not (cache_dir() / "decoded").exists()
+
+
+def test_a_corrupt_compressed_npz_is_refused_in_one_line(tmp_path):
+    np.savez_compressed(tmp_path / "mnist.npz", x_train=np.zeros((200, 8, 8), np.uint8))
+    data = bytearray((tmp_path / "mnist.npz").read_bytes())
+    data[60:90] = b"\xff" * 30  # inside the member's compressed stream
+    (tmp_path / "mnist.npz").write_bytes(bytes(data))
+    with pytest.raises(UserError, match="cannot read .*mnist.npz .*replace it with a valid .npz"):
+        load_dataset("mnist", data_dir=tmp_path)
+
+
 def test_fixed_size_datasets_keep_their_native_size_from_a_folder_copy(tmp_path):
     # A CIFAR-10 folder copy must not be resized to image_size: that would be 16x the compute.
     make_image_tree(tmp_path / "cifar10", classes=("airplane", "automobile"), size=(32, 32))

@@ -3,14 +3,20 @@
 from __future__ import annotations
 
 import hashlib
+import os
+import shutil
+import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 
 import numpy as np
 
+from experiments.cache import cache_dir
 from experiments.datasets import ImageData, Source, Split
 from experiments.errors import UserError
+
+KERAS_KEYS = ("x_train", "y_train", "x_test", "y_test")
 
 
 def from_arrays(name, x_train, y_train, x_test, y_test, class_names, source, hflip=True) -> ImageData:
@@ -51,13 +57,13 @@ def _arrays_digest(x: np.ndarray, y: np.ndarray) -> str:
 
 def from_npz(path: Path, name: str, class_names: list[str] | None, source: Source) -> ImageData:
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in ("x_train", "y_train", "x_test", "y_test") if k not in npz.files]
-            if missing:
-                raise UserError(f"{path} lacks {', '.join(missing)}; a Keras-layout .npz holds x_train, y_train, x_test, y_test")
-            arrays = {k: npz[k] for k in ("x_train", "y_train", "x_test", "y_test")}
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as exc:
+        arrays = read_npz(path)
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error, LookupError) as exc:
         raise UserError(f"cannot read {path} ({exc or 'empty file'}); replace it with a valid .npz") from None
+    missing = [k for k in KERAS_KEYS if k not in arrays]
+    if missing:
+        raise UserError(f"{path} lacks {', '.join(missing)}; a Keras-layout .npz holds x_train, y_train, x_test, y_test")
+    arrays = {k: arrays[k] for k in KERAS_KEYS}
     for key in ("x_train", "x_test"):
         if arrays[key].dtype != np.uint8 or arrays[key].ndim not in (3, 4):
             raise UserError(
@@ -74,3 +80,48 @@ def from_npz(path: Path, name: str, class_names: list[str] | None, source: Sourc
     n_classes = int(max(arrays["y_train"].max(), arrays["y_test"].max())) + 1
     names = class_names or [str(i) for i in range(n_classes)]
     return source.arrays(name, *arrays.values(), names, str(path))
+
+
+def read_npz(path: Path) -> dict[str, np.ndarray]:
+    """The arrays of an `.npz`, by name.
+
+    Compressed members are decoded once, into the cache folder, keyed by the file's content digest:
+    the lossless CIFAR-10 copy's LZMA members take about 11 s to decode, a memory-mapped read of the
+    decoded arrays well under 1 s (BENCHMARKS.md, "Data loading"). A stored (uncompressed) `.npz` is
+    read as it is.
+    """
+    with zipfile.ZipFile(path) as archive:
+        compressed = any(info.compress_type != zipfile.ZIP_STORED for info in archive.infolist())
+    if not compressed:
+        with np.load(path, allow_pickle=False) as npz:
+            return {k: npz[k] for k in npz.files}
+    folder = decoded_npz_folder(path)
+    if not folder.is_dir():
+        _decode_npz(path, folder)
+    return {member.stem: np.load(member, mmap_mode="r", allow_pickle=False) for member in sorted(folder.glob("*.npy"))}
+
+
+def decoded_npz_folder(path: Path) -> Path:
+    """Where the decoded arrays of `path` are kept: named after its content, so a replaced file decodes anew."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return cache_dir() / "decoded" / f"{path.name.split('.')[0]}-{digest.hexdigest()[:16]}"
+
+
+def _decode_npz(path: Path, folder: Path) -> None:
+    """Decode every member into a temporary sibling folder, then rename it: a kill leaves no half copy."""
+    folder.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".partial-", dir=folder.parent))
+    staging.chmod(0o755)  # mkdtemp's 0700 would hide a shared cache from other users
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            for key in npz.files:
+                np.save(staging / f"{key}.npy", npz[key], allow_pickle=False)
+        os.replace(staging, folder)
+    except OSError:
+        if not folder.is_dir():  # another process may have renamed its own copy in first
+            raise
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
