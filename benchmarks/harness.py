@@ -53,7 +53,9 @@ def benchmark(name: str, description: str):
 
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
-    from benchmarks import cpu, determinism, evaluation, overhead, pipeline, recipes, runs, serving, speed  # noqa: F401
+    from benchmarks import (  # noqa: F401
+        cpu, determinism, evaluation, overhead, pipeline, precision, recipes, runs, serving, speed,
+    )
 
 
 def get_benchmark(name: str) -> Benchmark:
@@ -91,14 +93,9 @@ def parse_options(bench: Benchmark, pairs: list[str]) -> dict:
 
 
 def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
+    from experiments.precision import cpu_model
+
+    cpu = cpu_model()
     memory = ""
     try:
         kib = int(re.search(r"MemTotal:\s+(\d+)", Path("/proc/meminfo").read_text()).group(1))

@@ -58,7 +58,8 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
     @benchmark(name, f"Time to accuracy: {settings['arch']} on {settings['dataset']} "
                      f"(target {target * 100:g}% in {minutes} min, tracking on)")
     def run(epochs: int = settings["epochs"], data_dir: str = "", seed: int = 0,
-            image_size: int = settings.get("image_size", 128), options: str = "", recipe: str = "") -> list[dict]:
+            image_size: int = settings.get("image_size", 128), options: str = "", recipe: str = "",
+            precision: str = "auto") -> list[dict]:
         """`options` and `recipe` are JSON, as the training command line's: the architecture's keyword
         arguments and changes to its training recipe (e.g. `options='{"zoom": 0.4}'`)."""
         import mlflow
@@ -68,7 +69,7 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
 
         config = TrainConfig(**{**settings, "epochs": epochs, "data_dir": data_dir, "seed": seed,
                                 "image_size": image_size, "options": _json_object("options", options),
-                                "recipe": _json_object("recipe", recipe)})
+                                "recipe": _json_object("recipe", recipe), "precision": precision})
         config.validate()
         load_data(config)  # decoding the data set is not part of training time
         start = time.perf_counter()
@@ -83,12 +84,13 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
         # Training costs about 3 forward passes (forward, two for backward); evaluation one per test-time view.
         views = inference_views(training_recipe, spec)
         flops = forward_flops(model) * (3 * len(data.train) * epochs + views * len(data.test))
-        dtype = "bfloat16" if any(layer.dtype_policy.name == "mixed_bfloat16" for layer in model.layers) else "float32"
-        peak = measured_peak().get(dtype)
+        dtype = mlflow.get_run(result.run_id).data.params.get("precision_chosen", config.precision)
+        peak = measured_peak().get("bfloat16" if dtype == "float16" else dtype)
         achieved = flops / wall / 1e9
         return [{
             "recipe": name,
             "epochs": epochs,
+            "precision": dtype,
             "test_accuracy": result.test_accuracy,
             "wall_s": wall,
             "target": f"{target * 100:g}% in {minutes} min",

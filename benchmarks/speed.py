@@ -15,7 +15,7 @@ import sys
 from benchmarks.harness import PROJECT_ROOT, benchmark
 
 VARIANTS = {
-    "baseline (bf16, prefetch, default threads)": {},
+    "baseline (bfloat16, prefetch, default threads)": {},
     "jit_compile=True": {"jit_compile": True},
     "steps_per_execution=8": {"steps_per_execution": 8},
     "float32": {"precision": "float32"},
@@ -26,7 +26,7 @@ VARIANTS = {
 
 
 def probe(arch: str, batch_size: int, steps: int, jit_compile: bool = False, steps_per_execution: int = 1,
-          precision: str = "mixed_bfloat16", prefetch: bool = True, threads: int = 0) -> float:
+          precision: str = "bfloat16", prefetch: bool = True, threads: int = 0) -> float:
     """Training images/s of `arch` (CIFAR-10 shapes), timed over `steps` steps after a warm-up pass."""
     import tensorflow as tf
 
@@ -36,15 +36,15 @@ def probe(arch: str, batch_size: int, steps: int, jit_compile: bool = False, ste
     import keras
     import numpy as np
 
-    from experiments.models import DataSpec, get_model_entry
     from experiments.fit import compile_model
+    from experiments.models import DataSpec, create_model, get_model_entry
+    from experiments.precision import POLICIES
     from experiments.train import TrainConfig
 
     keras.utils.set_random_seed(0)
     spec = DataSpec((32, 32, 3), 10)
     entry = get_model_entry(arch)
-    options = {"precision": precision} if precision != "mixed_bfloat16" else {}
-    model = entry.build(spec, **options)
+    model = create_model(arch, spec, POLICIES[precision])
     config = TrainConfig("cifar10", arch, epochs=1, batch_size=batch_size)
     compile_model(model, entry.recipe, config, batch_size * steps, jit_compile=jit_compile,
                   steps_per_execution=steps_per_execution)
@@ -64,16 +64,9 @@ def probe(arch: str, batch_size: int, steps: int, jit_compile: bool = False, ste
 
 @benchmark("cpu_speed", "Training throughput under each CPU option, against the baseline, each in a fresh process")
 def cpu_speed(arch: str = "airbench", batch_size: int = 128, steps: int = 60) -> list[dict]:
-    import inspect
-
-    from experiments.models import get_model_entry
-
-    takes_precision = "precision" in inspect.signature(get_model_entry(arch).build).parameters
     rows = []
     baseline = None
     for name, variant in VARIANTS.items():
-        if "precision" in variant and not takes_precision:
-            continue  # the architecture has one precision only
         arguments = json.dumps({"arch": arch, "batch_size": batch_size, "steps": steps, **variant})
         out = subprocess.run(
             [sys.executable, "-c", f"import json; from benchmarks.speed import probe; "

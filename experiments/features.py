@@ -13,13 +13,17 @@ from experiments.fit import RecordLearningRate, compile_model, image_batches, pr
 from experiments.models import DataSpec, vgg16_features, vgg16_head_layers
 
 
-def fit_vgg16_head(config, data: ImageData, spec: DataSpec, callbacks: list):
-    """The tutorial's recipe: (model, history, test probabilities), the head trained on cached features."""
+def fit_vgg16_head(config, data: ImageData, spec: DataSpec, callbacks: list, policy: str = "float32"):
+    """The tutorial's recipe: (model, history, test probabilities), the head trained on cached features.
+    The frozen VGG16 runs under the dtype `policy` (its features are kept per policy); the head in float32."""
     import keras
 
+    from experiments.models import dtype_policy
+
     weights = None if config.weights == "none" else config.weights
-    extractor = vgg16_features(spec, weights)
-    key = weights_key(config)
+    with dtype_policy(policy):
+        extractor = vgg16_features(spec, weights)
+    key = weights_key(config) + ("" if policy == "float32" else f"-{policy}")
     train_features = cached_features(extractor, data.train, key, config.batch_size)
     test_features = cached_features(extractor, data.test, key, config.batch_size)
 
@@ -81,6 +85,7 @@ def cached_features(extractor, split: Split, weights_key: str, batch_size: int) 
     if not hit:
         print(f"extracting VGG16 features for {len(split)} images (cached at {path})", flush=True)
         features = extractor.predict(image_batches(split, batch_size), verbose=progress_verbosity())
+        features = np.asarray(features, np.float32)  # bfloat16 features are kept, and fed to the head, as float32
         try:
             with atomic_path(path) as staging:  # a kill never leaves a half-written cache under the real name
                 with open(staging, "wb") as file:

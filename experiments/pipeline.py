@@ -20,6 +20,7 @@ from pathlib import Path
 
 from experiments.cli import boolean, run_main
 from experiments.errors import UserError
+from experiments.precision import check_precision
 from experiments.tutorial import TUTORIAL_DATASETS, TUTORIAL_EXPERIMENTS
 
 # Where Keras keeps the ImageNet VGG16 weights once downloaded.
@@ -44,12 +45,14 @@ def steps(args) -> list[tuple[str, list[str]]]:
                 continue
             extra = ["--weights", weights]
         plan.append((title, ["experiments.train", "--dataset", dataset, "--arch", arch, "--epochs", str(args.epochs),
-                             "--limit", str(args.limit), "--seed", str(args.seed), *extra, *data]))
+                             "--limit", str(args.limit), "--seed", str(args.seed), "--precision", args.precision,
+                             *extra, *data]))
     if args.trials and args.search_dataset:
         plan.append((f"search {args.search_dataset}: {args.trials} random trials of {args.epochs} epochs, best retrained",
                      ["tuning.search", "--dataset", args.search_dataset, "--tuner", "random",
                       "--max-trials", str(args.trials), "--max-epochs", str(args.epochs), "--limit", str(args.limit),
-                      "--seed", str(args.seed), "--search-name", f"main-{args.run_id[:8]}", *data]))
+                      "--seed", str(args.seed), "--search-name", f"main-{args.run_id[:8]}",
+                      "--precision", args.precision, *data]))
     for dataset in (d for d in TUTORIAL_DATASETS if d in datasets):
         plan.append((f"promote {dataset}", ["registry.promote", "--dataset", dataset]))
     plan.append(("report", ["experiments.report", "--output-dir", args.output_dir]))
@@ -135,6 +138,7 @@ def parse_args(argv=None):
     parser.add_argument("--search-dataset", default="cifar10", help="the dataset searched ('' for none)")
     parser.add_argument("--vgg16-weights", default="", help="imagenet or a weights file; default: Keras' cached copy")
     parser.add_argument("--output-dir", default="reports", help="where the report goes")
+    parser.add_argument("--precision", default="auto", help="of every training: auto, float32, bfloat16 or float16")
     parser.add_argument("--dry-run", type=boolean, default=False, nargs="?", const=True, help="print the plan only")
     args = parser.parse_args(argv)
     unknown = set(args.datasets.split(",")) - set(TUTORIAL_DATASETS) - {""}
@@ -144,6 +148,7 @@ def parse_args(argv=None):
     for name in ("epochs", "limit", "trials", "seed"):
         if getattr(args, name) < (1 if name == "epochs" else 0):
             raise UserError(f"{name} must be {'positive' if name == 'epochs' else '0 or more'}, got {getattr(args, name)}")
+    check_precision(args.precision)
     return args
 
 

@@ -33,9 +33,31 @@ def recorded_config(run):
     except Exception:  # noqa: BLE001 - a missing or unreadable artifact: the params say the same, as text
         logged = {}
     if "train_config" in logged:
-        return TrainConfig(**logged["train_config"])
-    flat = {**run.data.params, **logged, "dataset": run.data.tags[DATASET_TAG], "arch": run.data.tags[ARCH_TAG]}
-    return TrainConfig(**_typed_fields(TrainConfig(flat["dataset"], flat["arch"]), flat))
+        config = TrainConfig(**logged["train_config"])
+    else:
+        flat = {**run.data.params, **logged, "dataset": run.data.tags[DATASET_TAG], "arch": run.data.tags[ARCH_TAG]}
+        config = TrainConfig(**_typed_fields(TrainConfig(flat["dataset"], flat["arch"]), flat))
+    return dataclasses.replace(config, **_recorded_precision(config, run.data.params, logged.get("train_config", {})))
+
+
+# Before `precision` was a run parameter (issue 19), these architectures always trained in mixed bfloat16.
+BFLOAT16_BEFORE_PRECISION = ("cnn_modern", "xresnet", "airbench", "airbench_s", "airbench_m")
+
+
+def _recorded_precision(config, params: dict, train_config: dict) -> dict:
+    """The precision the run trained in, not `auto`'s choice on this machine: its `precision_chosen`, else
+    what an older run's options or architecture implied."""
+    options = dict(config.options)
+    legacy = options.pop("precision", None)  # a Keras policy name, e.g. "mixed_bfloat16"
+    if "precision_chosen" in params:
+        precision = params["precision_chosen"]
+    elif legacy:
+        precision = legacy.removeprefix("mixed_")
+    elif "precision" in train_config or "precision" in params:
+        precision = config.precision
+    else:
+        precision = "bfloat16" if config.arch in BFLOAT16_BEFORE_PRECISION else "float32"
+    return {"precision": precision, "options": options}
 
 
 def _typed_fields(config, flat: dict) -> dict:

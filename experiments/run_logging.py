@@ -42,8 +42,9 @@ def pinned_requirements(packages=MODEL_PACKAGES) -> list[str]:
     return [f"{package}=={version(package)}" for package in packages]
 
 
-def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple) -> None:
-    """Tags, params, config.json and the fit and validation splits as `mlflow.data` inputs."""
+def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precision=None) -> None:
+    """Tags, params, config.json and the fit and validation splits as `mlflow.data` inputs. `precision`, an
+    `experiments.precision.Choice`: the precision trained in (`precision_chosen`) and why (a tag)."""
     import mlflow
 
     run = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)
@@ -57,6 +58,8 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple) -> Non
         "mlflow.note.content": f"`{config.arch}` on `{config.dataset}`.{tutorial}",
         **provenance(),
     }
+    if precision:
+        tags["precision_reason"] = precision.reason
     trial = TRIAL_ID_TAG in run.data.tags
     if trial:  # a tuner trial keeps the name and note the tuner gave it
         del tags["mlflow.runName"], tags["mlflow.note.content"]
@@ -73,6 +76,7 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple) -> Non
         **applicable_params(config, data),
         **choices,
         **data.info,
+        **({"precision_chosen": precision.precision} if precision else {}),
         "num_train": len(data.train),
         "num_test": len(data.test),
     }

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments import checkpoints
+from experiments import checkpoints, precision
 from experiments.cache import check_cache_writable
 from experiments.cli import add_config_flags, architecture_names, boolean, run_main
 from experiments.datasets import ImageData, check_dataset_args, default_arch, fit_splits, list_datasets, load_dataset
@@ -46,6 +46,9 @@ class TrainConfig:
     validation_fraction: float = 0.0
     options: dict = dataclasses.field(default_factory=dict)  # the architecture builder's keyword arguments
     recipe: dict = dataclasses.field(default_factory=dict)  # changes to the architecture's training recipe
+    # float32, bfloat16 or float16 (mixed: 16-bit math, float32 weights); auto: float16 on a GPU, else the
+    # faster of float32 and bfloat16 on this CPU, measured once per machine (experiments/precision.py).
+    precision: str = "auto"
     # TensorFlow op determinism: the same config and data give bit-identical runs on the same machine.
     # Process-wide and irreversible: once on, every later training in the process has it too.
     deterministic: bool = False
@@ -53,8 +56,10 @@ class TrainConfig:
     def validate(self) -> None:
         """Bad input fails here, with one line, before any data is read or any run is created."""
         from experiments.models import get_model_entry
+        from experiments.precision import check_precision
 
         get_model_entry(self.arch)
+        check_precision(self.precision, self.options)
         for name in ("epochs", "batch_size"):
             if getattr(self, name) < 1:
                 raise UserError(f"{name} must be a positive integer, got {getattr(self, name)}")
@@ -92,17 +97,8 @@ class TrainResult:
     history: dict
 
 
-def train(
-    config: TrainConfig | None = None,
-    *,
-    model=None,
-    callbacks=(),
-    initial_epoch: int = 0,
-    evaluate: bool = True,
-    track: bool = True,
-    resume: bool = False,
-    **overrides,
-) -> TrainResult:
+def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initial_epoch: int = 0,
+          evaluate: bool = True, track: bool = True, resume: bool = False, **overrides) -> TrainResult:
     """Train `config.arch` on `config.dataset`, tracked in MLflow; returns the run id and test figures.
 
     Logs into the active MLflow run if there is one (a tuner trial, `mlflow run`), else starts a run
@@ -132,12 +128,14 @@ def train(
     checkpoint = checkpoints.find(config, active.info.run_id if active else launched_run_id(),
                                   resume) if checkpointed else None
     splits = fit_splits(data, config.validation_fraction, config.seed)
+    # Chosen before the run starts; a resumed run or a tuner's prebuilt model already has its precision.
+    choice = None if checkpoint or model is not None else precision.for_training(config, data.spec)
     with open_run(config.dataset, checkpoint and checkpoint.run_id) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
         if track:
-            callbacks = start_tracking(config, data, splits, callbacks, checkpoint, checkpointed)
+            callbacks = start_tracking(config, data, splits, callbacks, checkpoint, checkpointed, choice)
         model, history, probabilities = fit_and_predict(config, data, splits, model, callbacks,
-                                                        initial_epoch, checkpoint, evaluate)
+                                                        initial_epoch, checkpoint, evaluate, choice)
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
         accuracy, loss = fit.score_predictions(data.test.labels, probabilities)
@@ -150,7 +148,8 @@ def train(
     return TrainResult(run_id, accuracy, loss, model, history)
 
 
-def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed) -> list:
+def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed,
+                   choice) -> list:
     """Log what a new run records at its start (a resumed run: its missing epochs); returns the callbacks
     that log and checkpoint each epoch, ahead of the caller's."""
     import mlflow
@@ -164,7 +163,7 @@ def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callback
         checkpoints.log_missing_epochs(checkpoint)
         return [checkpoints.callback(run_id, config, checkpoint.history),
                 run_logging.EpochLogger(log_summary=False), *callbacks]
-    run_logging.log_run_start(config, data, config.training_recipe(), splits)
+    run_logging.log_run_start(config, data, config.training_recipe(), splits, choice)
     # The checkpoint callback comes first: an epoch is saved before anything else sees it. Then MLflow's
     # per-epoch logging (the model is logged at the end, with a uint8 signature).
     saved = [checkpoints.callback(run_id, config)] if checkpointed else []
@@ -172,13 +171,13 @@ def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callback
 
 
 def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, callbacks: list,
-                    initial_epoch: int, checkpoint, evaluate: bool) -> tuple:
+                    initial_epoch: int, checkpoint, evaluate: bool, choice) -> tuple:
     """(model, history, test probabilities or None): build or resume the model, fit it, predict the test split."""
     import keras
 
     from experiments import fit
     from experiments.features import fit_vgg16_head
-    from experiments.models import DataSpec, get_model_entry, inference_model
+    from experiments.models import create_model, get_model_entry, inference_model
 
     # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
     # Keras also seeds from: so tracking on or off gives the same weights.
@@ -187,14 +186,13 @@ def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, 
         import tensorflow as tf
 
         tf.config.experimental.enable_op_determinism()
-    spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
-    entry = get_model_entry(config.arch)
+    spec, entry = data.spec, get_model_entry(config.arch)
     if entry.recipe.features == "vgg16":
-        return fit_vgg16_head(config, data, spec, callbacks)
+        return fit_vgg16_head(config, data, spec, callbacks, choice.policy)
     if checkpoint:
         model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
     elif model is None:
-        model = entry.build(spec, **config.options)
+        model = create_model(config.arch, spec, choice.policy, **config.options)
         if entry.prepare:  # e.g. airbench's patch whitening, set from training images
             entry.prepare(model, splits[0][0])
     model_callbacks = entry.callbacks(model) if entry.callbacks else []

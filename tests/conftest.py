@@ -46,6 +46,18 @@ def isolated_tracking(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture(autouse=True)
+def fixed_precision_timings(request, monkeypatch):
+    """In-process runs with precision=auto choose float32 without timing anything: their figures stay the
+    same on every CPU, and no test pays the few seconds of measurement. Tests marked `measured_precision`
+    (and every subprocess) measure for real."""
+    if request.node.get_closest_marker("measured_precision"):
+        return
+    from experiments import precision
+
+    monkeypatch.setattr(precision, "measure_both", lambda timer, rounds=2: {"float32": 1.0, "bfloat16": 2.0})
+
+
 def make_npz(path: Path, n_train=60, n_test=20, shape=(28, 28), classes=3, seed=0) -> Path:
     """A Keras-layout .npz whose classes differ in brightness, so a model can learn them."""
     rng = np.random.default_rng(seed)

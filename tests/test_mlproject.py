@@ -19,10 +19,10 @@ TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
 REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment"}, "rollback": {"model_name"}}
 OTHER_ENTRY_POINTS = {"reproduce": {"run_id"}, "report": {"output_dir"},
                       "main": {"data_dir", "epochs", "limit", "trials", "seed", "datasets", "vgg16_weights",
-                               "output_dir"}}
+                               "output_dir", "precision"}}
 TUNE_PARAMS = {"tuner", "max_trials", "max_epochs", "executions_per_trial", "time_budget_minutes", "search_name",
-               "limit", "seed", "data_dir"}
-COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit"}
+               "limit", "seed", "data_dir", "precision"}
+COMMON_PARAMS = {"arch", "epochs", "batch_size", "learning_rate", "seed", "data_dir", "limit", "precision"}
 
 
 def mlproject() -> dict:
@@ -49,6 +49,7 @@ def test_entry_points_and_typed_parameters():
         assert params["learning_rate"]["type"] == "float"
         assert params["data_dir"]["default"] == ""
         assert params["deterministic"] == {"type": "string", "default": "false"}
+        assert params["precision"] == {"type": "string", "default": "auto"}  # measured on the machine at hand
         assert params["options"] == params["recipe"] == {"type": "string", "default": "{}"}
         assert params["arch"]["default"] == default_arch(name)  # as `python -m experiments.train` without --arch
         assert entry["command"].startswith("python -m experiments.train --dataset " + name)

@@ -58,6 +58,7 @@ class SearchConfig:
     validation_fraction: float = 0.1  # of the training split, scores the trials
     patience: int = 3  # epochs without a better val_accuracy before a trial stops early
     retrain: bool = True  # retrain the best configuration on the full training split
+    precision: str = "auto"  # as train()'s; auto is measured once per search, on the default convnet
 
     def __post_init__(self):
         self.search_name = self.search_name or f"{self.dataset}-{self.tuner}"
@@ -81,7 +82,8 @@ class SearchConfig:
     def train_config(self, epochs: int, **choice) -> TrainConfig:
         return TrainConfig(
             dataset=self.dataset, arch="convnet", epochs=epochs, seed=self.seed, data_dir=self.data_dir,
-            limit=self.limit, image_size=self.image_size, validation_fraction=self.validation_fraction, **choice,
+            limit=self.limit, image_size=self.image_size, validation_fraction=self.validation_fraction,
+            precision=self.precision, **choice,
         )
 
 
@@ -125,6 +127,10 @@ def run_search(config: SearchConfig, callbacks=()):
     data = load_data(config.train_config(1))  # once per process; trials reuse it
     check_fits(data.image_shape, config)
     check_search_state(config)
+    from experiments.precision import for_training
+
+    precision = for_training(config.train_config(1), data.spec)  # the trials' precision: measured once
+    config = dataclasses.replace(config, precision=precision.precision)
     connect()
     role = os.environ.get("KERASTUNER_TUNER_ID", "")
     is_chief, is_worker = role == "chief", bool(role) and role != "chief"
@@ -132,6 +138,7 @@ def run_search(config: SearchConfig, callbacks=()):
     tracker = Tracker(config, parent_id)
     if not is_worker:
         log_search_params(tracker, config)
+        tracker.client.set_tag(parent_id, "precision_reason", precision.reason)
     import keras
     import tensorflow as tf
 

@@ -43,12 +43,13 @@ class ConvnetHyperModel(kt.HyperModel):
         self.executions: dict[str, int] = {}
 
     def build(self, hp):
-        from experiments.models import DataSpec, create_model
+        from experiments.models import create_model
+        from experiments.precision import POLICIES
 
         config = self.search_state.config
-        data = load_data(config.train_config(1))
-        spec = DataSpec(data.image_shape, data.num_classes, data.hflip)
-        return create_model("convnet", spec, **choose(hp, get_space(config.dataset))["options"])
+        spec = load_data(config.train_config(1)).spec
+        options = choose(hp, get_space(config.dataset))["options"]
+        return create_model("convnet", spec, POLICIES[config.precision], **options)
 
     def fit(self, hp, model, *args, epochs=1, initial_epoch=0, callbacks=(), **kwargs):
         state, config = self.search_state, self.search_state.config

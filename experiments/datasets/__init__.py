@@ -66,6 +66,13 @@ class ImageData:
     def digest(self) -> str:
         return hashlib.sha256((self.train.digest + self.test.digest).encode()).hexdigest()[:16]
 
+    @property
+    def spec(self):
+        """What a model builder needs to know of this data: an `experiments.models.DataSpec`."""
+        from experiments.models import DataSpec
+
+        return DataSpec(self.image_shape, self.num_classes, self.hflip)
+
 
 @dataclasses.dataclass
 class Source:

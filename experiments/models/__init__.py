@@ -17,7 +17,9 @@ Adding an architecture is one decorated function, in a module of this package
         ...
         return keras.Model(inputs, classifier(x, data), name="my_net")
 
-Its keyword arguments are the options a run may set (`--options`). `register_model` takes the
+Its keyword arguments are the options a run may set (`--options`). Precision is not one of them: the
+builder makes its layers under whatever dtype policy `create_model` sets (`--precision`), and ends on
+`layers.classifier`'s float32 softmax. `register_model` takes the
 `Recipe` fields, and two optional hooks, so the fit loop never needs a model's name:
 `prepare(model, train_split)`, called once on a newly built model before training (not on one
 resumed from a checkpoint), and `callbacks(model) -> list` of Keras callbacks for its fit.
@@ -114,8 +116,13 @@ def get_model_entry(name: str) -> ModelEntry:
     return MODELS[name]
 
 
-def create_model(name: str, data: DataSpec, **kwargs) -> keras.Model:
-    return get_model_entry(name).build(data, **kwargs)
+def create_model(name: str, data: DataSpec, policy: str = "float32", **kwargs) -> keras.Model:
+    """Build `name` with its options `kwargs`, its layers under a Keras dtype policy ("float32",
+    "mixed_bfloat16", ...: experiments/precision.py chooses). The policy is saved with each layer."""
+    from experiments.models.layers import dtype_policy
+
+    with dtype_policy(policy):
+        return get_model_entry(name).build(data, **kwargs)
 
 
 # Each architecture registers as its module is imported. The builders are reached by name (create_model,

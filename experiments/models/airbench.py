@@ -13,7 +13,7 @@ from keras import layers
 
 from experiments.datasets import Split, sample_images
 from experiments.models import DataSpec, register_model
-from experiments.models.layers import augmentation, conv_bn, dirac_init, dtype_policy, flip_epoch_callbacks, pixels
+from experiments.models.layers import augmentation, conv_bn, dirac_init, flip_epoch_callbacks, pixels
 
 AIRBENCH = dict(
     # How it trains: Recipe fields, logged as each run's recipe.* params. For batch 128 (airbench: 1024 at
@@ -22,8 +22,7 @@ AIRBENCH = dict(
     recipe=dict(optimizer="sgd", learning_rate=0.125, schedule="cosine", weight_decay=0.0133, warmup_fraction=0.23,
                 label_smoothing=0.2, test_time_flip=True, test_time_shift=True, ema=0.99),
     # The net. The builders' defaults, which a run's options override:
-    net=dict(widths=(64, 256, 256), translate_pixels=2, norm_momentum=0.6, precision="mixed_bfloat16",
-             activation="relu",
+    net=dict(widths=(64, 256, 256), translate_pixels=2, norm_momentum=0.6, activation="relu",
              # and what no option changes: norm biases learn bias_scale**2 = 64x faster (airbench's ablations:
              # 18 -> 13.5 epochs to 94%); airbench's logit scale gives softer outputs early in training.
              norm_bias_scale=8.0, logit_scale=1 / 9),
@@ -74,31 +73,29 @@ HOOKS = dict(prepare=prepare, callbacks=flip_epoch_callbacks)  # alternating fli
 
 @register_model(**HOOKS, **AIRBENCH["recipe"])
 def airbench(data: DataSpec, widths=NET["widths"], translate_pixels: int = NET["translate_pixels"],
-             norm_momentum: float = NET["norm_momentum"], precision: str = NET["precision"],
-             activation: str = NET["activation"]) -> keras.Model:
+             norm_momentum: float = NET["norm_momentum"], activation: str = NET["activation"]) -> keras.Model:
     """airbench-style fast CIFAR net: fixed patch-whitening conv, three conv-pool-norm blocks.
 
     Its accuracy and time: BENCHMARKS.md, "Time to accuracy" (cifar10_airbench).
     """
     height, width, channels = data.image_shape
     patch, bias_scale = WHITENING["patch_size"], NET["norm_bias_scale"]
-    with dtype_policy(precision):
-        inputs, x = pixels(data, alternating_flip=True)
-        x = layers.Normalization(mean=0.5, variance=0.0625)(x)
-        # Whole-pixel shifts, as airbench's crops: bilinear shifts would blur training images only.
-        x = augmentation(data, translate_pixels / height, random_flip=False, interpolation="nearest")(x)
-        # Patches projected onto their covariance's eigenvectors (and their negatives), set from the
-        # training images by fit_patch_whitening() before training and never trained.
-        x = layers.Conv2D(2 * patch * patch * channels, patch, padding="valid", trainable=False,
-                          name=PATCH_WHITENING)(x)
-        x = layers.Activation(activation)(x)
-        for filters in widths:
-            x = conv_bn(x, filters, momentum=norm_momentum, pool=True, scale=False, bias_scale=bias_scale,
-                        activation=activation)
-            x = conv_bn(x, filters, momentum=norm_momentum, scale=False, bias_scale=bias_scale, activation=activation)
-        x = layers.GlobalMaxPooling2D()(x)
-        x = layers.Dense(data.num_classes, use_bias=False)(x)
-        x = layers.Rescaling(NET["logit_scale"])(x)  # airbench's logit scale: softer outputs early in training
+    inputs, x = pixels(data, alternating_flip=True)
+    x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+    # Whole-pixel shifts, as airbench's crops: bilinear shifts would blur training images only.
+    x = augmentation(data, translate_pixels / height, random_flip=False, interpolation="nearest")(x)
+    # Patches projected onto their covariance's eigenvectors (and their negatives), set from the
+    # training images by fit_patch_whitening() before training and never trained.
+    x = layers.Conv2D(2 * patch * patch * channels, patch, padding="valid", trainable=False,
+                      name=PATCH_WHITENING)(x)
+    x = layers.Activation(activation)(x)
+    for filters in widths:
+        x = conv_bn(x, filters, momentum=norm_momentum, pool=True, scale=False, bias_scale=bias_scale,
+                    activation=activation)
+        x = conv_bn(x, filters, momentum=norm_momentum, scale=False, bias_scale=bias_scale, activation=activation)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dense(data.num_classes, use_bias=False)(x)
+    x = layers.Rescaling(NET["logit_scale"])(x)  # airbench's logit scale: softer outputs early in training
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(x)
     model = keras.Model(inputs, probabilities, name="airbench")
     dirac_init(model)
@@ -107,16 +104,16 @@ def airbench(data: DataSpec, widths=NET["widths"], translate_pixels: int = NET["
 
 @register_model(**HOOKS, **AIRBENCH["recipe"])
 def airbench_s(data: DataSpec, translate_pixels: int = NET["translate_pixels"],
-               norm_momentum: float = NET["norm_momentum"], precision: str = NET["precision"]) -> keras.Model:
+               norm_momentum: float = NET["norm_momentum"]) -> keras.Model:
     """airbench at half width (32/64/128), a quarter of the compute: the 3-minute CIFAR-10 and MNIST recipes."""
-    return airbench(data, PRESETS["airbench_s"], translate_pixels, norm_momentum, precision)
+    return airbench(data, PRESETS["airbench_s"], translate_pixels, norm_momentum)
 
 
 @register_model(**HOOKS, **AIRBENCH["recipe"])
 def airbench_m(data: DataSpec, translate_pixels: int = NET["translate_pixels"],
-               norm_momentum: float = NET["norm_momentum"], precision: str = NET["precision"]) -> keras.Model:
+               norm_momentum: float = NET["norm_momentum"]) -> keras.Model:
     """airbench at widths 64/128/128: the Fashion-MNIST recipe.
 
     Its accuracy and time: BENCHMARKS.md, "Time to accuracy" (fashion_mnist_airbench).
     """
-    return airbench(data, PRESETS["airbench_m"], translate_pixels, norm_momentum, precision)
+    return airbench(data, PRESETS["airbench_m"], translate_pixels, norm_momentum)

@@ -6,31 +6,29 @@ import keras
 from keras import layers
 
 from experiments.models import DataSpec, register_model
-from experiments.models.layers import augmentation, classifier, conv_bn, dtype_policy, pixels
+from experiments.models.layers import augmentation, classifier, conv_bn, pixels
 
 
 @register_model(optimizer="adamw", learning_rate=0.002, schedule="cosine", weight_decay=0.05, warmup_fraction=0.1,
                 label_smoothing=0.1, test_time_flip=True)
-def cnn_modern(data: DataSpec, widths=(64, 128, 256), precision: str = "mixed_bfloat16") -> keras.Model:
-    """A compact modern CNN: batch norm, flip+shift augmentation, AdamW with warmup and cosine decay, bfloat16.
+def cnn_modern(data: DataSpec, widths=(64, 128, 256)) -> keras.Model:
+    """A compact modern CNN: batch norm, flip+shift augmentation, AdamW with warmup and cosine decay.
 
     Its recipe adds test-time flips: the served model averages an image's and its mirror's predictions,
     which scored higher on the same trained weights (BENCHMARKS.md, "cnn_modern on CIFAR-10: reaching 88%").
     """
-    # bfloat16 runs on the CPU's AMX units; the classifier stays float32 for a stable softmax.
-    with dtype_policy(precision):
-        inputs, x = pixels(data)
-        # Per-channel scaling is learned by the first batch norm; centring here keeps early steps stable.
-        x = layers.Normalization(mean=0.5, variance=0.0625)(x)
-        x = augmentation(data)(x)
-        x = conv_bn(x, widths[0] // 2)
-        for filters in widths:
-            # airbench/ResNet-9 style block: conv, downsample, conv.
-            x = conv_bn(x, filters)
-            x = layers.MaxPooling2D(2)(x)
-            x = conv_bn(x, filters)
-        x = layers.GlobalMaxPooling2D()(x)
-        x = layers.Dropout(0.2)(x)
+    inputs, x = pixels(data)
+    # Per-channel scaling is learned by the first batch norm; centring here keeps early steps stable.
+    x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+    x = augmentation(data)(x)
+    x = conv_bn(x, widths[0] // 2)
+    for filters in widths:
+        # airbench/ResNet-9 style block: conv, downsample, conv.
+        x = conv_bn(x, filters)
+        x = layers.MaxPooling2D(2)(x)
+        x = conv_bn(x, filters)
+    x = layers.GlobalMaxPooling2D()(x)
+    x = layers.Dropout(0.2)(x)
     return keras.Model(inputs, classifier(x, data), name="cnn_modern")
 
 
@@ -51,23 +49,21 @@ def residual_block(x, filters: int, strides: int = 1):
 # stem, one residual block per stage, scale augmentation, SGD-Nesterov with warmup and cosine decay.
 @register_model(optimizer="sgd", learning_rate=0.1, schedule="cosine", weight_decay=5e-4, warmup_fraction=0.1,
                 label_smoothing=0.1, test_time_flip=True)
-def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4, precision: str = "mixed_bfloat16"
-            ) -> keras.Model:
+def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4) -> keras.Model:
     """xresnet-style ResNet for 128-160 px images: 3-conv stem, a residual block per stage, zoom+shift+flip."""
-    with dtype_policy(precision):
-        inputs, x = pixels(data)
-        x = layers.Normalization(mean=0.5, variance=0.0625)(x)
-        x = augmentation(data, translate=0.1)(x)
-        # Zoom in only: crops of 36-100% of the area (fast.ai's Imagenette crops: 35-100%). Harder crops than
-        # zoom 0.25 (56-100%) scored higher on Imagenette, and overfit less (BENCHMARKS.md, "Time to accuracy",
-        # the imagenette_xresnet recipe).
-        x = layers.RandomZoom((-zoom, 0.0), fill_mode="reflect")(x)
-        x = conv_bn(x, 32, strides=2)
-        x = conv_bn(x, 32)
-        x = conv_bn(x, 64)
-        x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
-        for stage, filters in enumerate(widths):
-            x = residual_block(x, filters, strides=1 if stage == 0 else 2)
-        x = layers.GlobalAveragePooling2D()(x)
-        x = layers.Dropout(0.2)(x)
+    inputs, x = pixels(data)
+    x = layers.Normalization(mean=0.5, variance=0.0625)(x)
+    x = augmentation(data, translate=0.1)(x)
+    # Zoom in only: crops of 36-100% of the area (fast.ai's Imagenette crops: 35-100%). Harder crops than
+    # zoom 0.25 (56-100%) scored higher on Imagenette, and overfit less (BENCHMARKS.md, "Time to accuracy",
+    # the imagenette_xresnet recipe).
+    x = layers.RandomZoom((-zoom, 0.0), fill_mode="reflect")(x)
+    x = conv_bn(x, 32, strides=2)
+    x = conv_bn(x, 32)
+    x = conv_bn(x, 64)
+    x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
+    for stage, filters in enumerate(widths):
+        x = residual_block(x, filters, strides=1 if stage == 0 else 2)
+    x = layers.GlobalAveragePooling2D()(x)
+    x = layers.Dropout(0.2)(x)
     return keras.Model(inputs, classifier(x, data), name="xresnet")
