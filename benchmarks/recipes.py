@@ -14,15 +14,18 @@ from benchmarks.harness import benchmark
 from experiments.cli import json_object
 from experiments.errors import UserError
 
-# name: (train() settings, target accuracy, target wall time in minutes)
+# name: (train() settings, target accuracy, target wall time in minutes). The targets are issue 19's, for a
+# 2-core CPU whose bfloat16 conv peak is at least 800 GFLOP/s (the `peak` benchmark tells).
 RECIPES = {
-    "cifar10_airbench": (dict(dataset="cifar10", arch="airbench", epochs=20), 0.94, 30),
-    "cifar10_airbench_3min": (dict(dataset="cifar10", arch="airbench_s", epochs=5), 0.80, 3),
-    "mnist_airbench": (dict(dataset="mnist", arch="airbench_s", epochs=5), 0.995, 2),
+    "cifar10_airbench": (dict(dataset="cifar10", arch="airbench", epochs=20), 0.94, 15),
+    "cifar10_airbench_short": (dict(dataset="cifar10", arch="airbench_s", epochs=5), 0.85, 1.5),
+    "mnist_airbench": (dict(dataset="mnist", arch="airbench_s", epochs=5), 0.996, 1),
     # Full width reached 94.29% in 9 epochs but took 699 s: narrower, for more epochs in the budget.
-    "fashion_mnist_airbench": (dict(dataset="fashion_mnist", arch="airbench_m", epochs=13), 0.94, 10),
+    "fashion_mnist_airbench": (dict(dataset="fashion_mnist", arch="airbench_m", epochs=13), 0.95, 10),
     # The Imagenette-160 copy, trained and tested at 128 px (the fast.ai leaderboard's small size).
-    "imagenette_xresnet": (dict(dataset="imagenette", arch="xresnet", epochs=40, image_size=128), 0.88, 60),
+    "imagenette_xresnet": (dict(dataset="imagenette", arch="xresnet", epochs=40, image_size=128), 0.90, 60),
+    # Caltech-101 from scratch: 101 classes (BACKGROUND_Google left out), a seeded stratified 80/20 split.
+    "caltech101_xresnet": (dict(dataset="caltech101", arch="xresnet", epochs=24, image_size=128), 0.70, 30),
 }
 
 

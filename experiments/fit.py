@@ -119,7 +119,7 @@ def recalibrate_norms(model, batches, steps: int = NORM_RECALIBRATION_STEPS) -> 
     fit() ends by swapping the weight average into the model, but the norms' statistics were tracked
     for the last raw weights, over the last few batches only (airbench's momentum 0.6 spans about
     three). Recomputed for the averaged weights, in training mode (so on augmented images, as in
-    training). Its effect on the 3-minute CIFAR-10 recipe: BENCHMARKS.md, cifar10_airbench_3min.
+    training). Its effect on the short CIFAR-10 recipe: BENCHMARKS.md, cifar10_airbench_short.
     """
     import tensorflow as tf
 

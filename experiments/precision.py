@@ -28,7 +28,7 @@ from experiments.errors import UserError
 # precision -> Keras dtype policy
 POLICIES = {"float32": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 CHOICES = ("auto", *POLICIES)
-MEASURE_SECONDS = 1.0  # per precision and round; two rounds, alternating, keep each one's best
+MEASURE_SECONDS = 0.5  # per precision and round; two rounds, alternating, keep each one's best
 
 
 @dataclasses.dataclass(frozen=True)
