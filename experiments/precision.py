@@ -80,9 +80,14 @@ def choose(precision: str, scale: str, timer: Callable[[str], Callable[[], float
         timings = measure_both(timer)
         when = datetime.date.today().isoformat()
         cached[scale] = {"timings": timings, "measured": when}
-        with atomic_path(path) as staging:
-            staging.write_text(json.dumps(cached, indent=1, sort_keys=True))
         how = f"measured {when}"
+        try:
+            with atomic_path(path) as staging:
+                staging.write_text(json.dumps(cached, indent=1, sort_keys=True))
+        except OSError as exc:  # a full disk costs the cache (the next run measures again), not the run
+            print(f"precision timings not cached ({exc.strerror}); free space in {path.parent} to reuse them",
+                  flush=True)
+            how += ", not cached"
     fastest = min(timings, key=timings.get)
     other = max(timings, key=timings.get)
     reason = (f"auto: {fastest} {timings[fastest] * 1000:.1f} ms/step against {other} "
