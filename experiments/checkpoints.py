@@ -41,11 +41,10 @@ class Checkpoint:
     def load_model(self):
         import keras
 
-        from experiments.models import AlternatingFlip, FastBatchNorm
+        from experiments.models import AlternatingFlip, EpochGatedBias, FastBatchNorm, RandomShift
 
-        return keras.models.load_model(self.folder / "model.keras", safe_mode=True,
-                                       custom_objects={"FastBatchNorm": FastBatchNorm,
-                                                       "AlternatingFlip": AlternatingFlip})
+        custom = {layer.__name__: layer for layer in (FastBatchNorm, AlternatingFlip, RandomShift, EpochGatedBias)}
+        return keras.models.load_model(self.folder / "model.keras", safe_mode=True, custom_objects=custom)
 
 
 def latest(run_folder: Path) -> Checkpoint | None:

@@ -27,6 +27,54 @@ class RecordLearningRate(keras.callbacks.Callback):
             logs["learning_rate"] = float(keras.ops.convert_to_numpy(self.model.optimizer.learning_rate))
 
 
+@keras.saving.register_keras_serializable(package="cnn_mlflow")
+class Triangular(keras.optimizers.schedules.LearningRateSchedule):
+    """airbench's schedule: linear from `start` x peak up to the peak over `warmup_steps`, then linear down
+    to `end` x peak at `total_steps`."""
+
+    def __init__(self, peak: float, total_steps: int, warmup_steps: int, start: float = 0.2, end: float = 0.07):
+        self.peak, self.total_steps, self.warmup_steps, self.start, self.end = peak, total_steps, warmup_steps, start, end
+
+    def __call__(self, step):
+        step = keras.ops.cast(step, "float32")
+        up = self.start + (1.0 - self.start) * step / self.warmup_steps
+        down_steps = max(1, self.total_steps - self.warmup_steps)
+        down = 1.0 + (self.end - 1.0) * keras.ops.minimum(1.0, (step - self.warmup_steps) / down_steps)
+        return self.peak * keras.ops.where(step < self.warmup_steps, up, down)
+
+    def get_config(self):
+        return {"peak": self.peak, "total_steps": self.total_steps, "warmup_steps": self.warmup_steps,
+                "start": self.start, "end": self.end}
+
+
+class Lookahead(keras.callbacks.Callback):
+    """airbench's lookahead: every `every` steps the weights (norm statistics included) move to their running
+    average, which follows them with decay 0.95^5 x (step / total)^3: fast early, then ever slower, so
+    training ends on an average of its last steps."""
+
+    def __init__(self, every: int, total_steps: int):
+        super().__init__()
+        self.every, self.total_steps, self.step, self.average = every, total_steps, 0, None
+
+    def on_train_batch_end(self, batch, logs=None):
+        self.step += 1
+        if self.step % self.every:
+            return
+        weights = [w for w in self.model.weights if "float" in str(w.dtype)]
+        if self.average is None:
+            self.average = [np.array(w.numpy(), np.float32) for w in weights]
+        self.pull(weights, 0.95**5 * min(1.0, self.step / self.total_steps) ** 3)
+
+    def on_train_end(self, logs=None):
+        if self.average is not None:  # training ends on the average, as airbench's does
+            self.pull([w for w in self.model.weights if "float" in str(w.dtype)], 1.0)
+
+    def pull(self, weights, decay: float) -> None:
+        for average, weight in zip(self.average, weights):
+            average += (1 - decay) * (weight.numpy() - average)
+            weight.assign(average.astype(weight.dtype))
+
+
 def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int | None = None):
     """(images, one-hot labels) batches; one-hot so that label smoothing works for every recipe."""
     import tensorflow as tf
@@ -53,6 +101,8 @@ def compile_model(model, recipe: Recipe, config, num_train: int, initial_epoch: 
     total_steps = -(-num_train // config.batch_size) * max(1, config.epochs - initial_epoch)
     peak = config.learning_rate or recipe.learning_rate
     schedule = peak
+    if recipe.schedule == "triangular":
+        schedule = Triangular(peak, total_steps, max(1, int(total_steps * recipe.warmup_fraction)))
     if recipe.schedule == "cosine":
         warmup = max(1, int(total_steps * recipe.warmup_fraction))
         schedule = keras.optimizers.schedules.CosineDecay(
@@ -92,6 +142,10 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
     if not compiled:
         compile_model(model, config.training_recipe(), config, len(train_split), initial_epoch)
     train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
+    recipe = config.training_recipe()
+    if recipe.lookahead_images:
+        steps = -(-len(train_split) // config.batch_size) * (config.epochs - initial_epoch)
+        callbacks = [*callbacks, Lookahead(max(1, recipe.lookahead_images // config.batch_size), steps)]
     validation_batches = make_batches(validation_split, config.batch_size, data.num_classes)
     history = model.fit(
         train_batches,

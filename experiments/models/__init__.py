@@ -52,19 +52,27 @@ class Recipe:
     optimizer: str = "adam"  # "adam", "adamw" or "sgd" (with Nesterov momentum)
     momentum: float = 0.9  # SGD only
     learning_rate: float = 0.001  # used unless the run sets learning_rate
-    schedule: str = "constant"  # "constant" or "cosine" (linear warmup, then cosine decay to 0)
+    # "constant"; "cosine": linear warmup from 0, then cosine decay to 0; "triangular" (airbench's): linear
+    # from 0.2 of the peak up to it over the warmup, then linear down to 0.07 of it
+    schedule: str = "constant"
     weight_decay: float = 0.0  # decoupled (AdamW/SGD); ignored by plain Adam
     warmup_fraction: float = 0.0
     label_smoothing: float = 0.0
     ema: float = 0.0  # > 0: keep an exponential moving average of the weights (this momentum) and end on it
+    # > 0: airbench's lookahead every this many images: the weights (norm statistics too) move to their
+    # running average, which itself follows them less and less: decay 0.95^5 x (progress)^3
+    lookahead_images: int = 0
     test_time_flip: bool = False  # serve the average of the predictions for an image and its mirror image
     # With test_time_flip: also average over the image shifted a pixel up-left and down-right (each with
     # its mirror), weighted as airbench's multi-crop TTA: half on the image, half on the shifts.
     test_time_shift: bool = False
+    # With test-time views: average their logits, then softmax (airbench's), not their probabilities. Needs
+    # a model that ends on a softmax Activation named "probabilities" (airbench's logit scale needs it too).
+    test_time_logits: bool = False
     features: str | None = None  # "vgg16": train a head on cached frozen features
 
     OPTIMIZERS = ("adam", "adamw", "sgd")
-    SCHEDULES = ("constant", "cosine")
+    SCHEDULES = ("constant", "cosine", "triangular")
 
     def updated(self, **changes) -> "Recipe":
         """A copy with `changes`; unknown names or values are a UserError (they come from users and tuners)."""
@@ -132,7 +140,9 @@ from experiments.models import airbench, modern, tutorial, vgg16  # noqa: E402,F
 # The layers, helpers and constants other modules use.
 from experiments.models.layers import (  # noqa: E402
     AlternatingFlip,
+    EpochGatedBias,
     FastBatchNorm,
+    RandomShift,
     augmentation,
     classifier,
     conv_bn,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from experiments.errors import UserError
 from experiments.models import DataSpec, Recipe
 from experiments.models.layers import mirror, portable, shift
 
@@ -23,13 +24,22 @@ def inference_model(model: keras.Model, recipe: Recipe, data: DataSpec) -> keras
     if inference_views(recipe, data) == 1:
         return model
     images = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
+    head = model.get_layer("probabilities") if recipe.test_time_logits else None
+    if head is not None and not (isinstance(head, layers.Activation) and head.get_config()["activation"] == "softmax"):
+        raise UserError(f"test_time_logits needs a model ending on a softmax Activation; {model.name} has none")
+    # The views pass through the whole model, or up to its logits (then one softmax of their average).
+    net = keras.Model(model.input, head.input, name=f"{model.name}_logits") if head is not None else model
+    last = "logits" if head is not None else "probabilities"
 
     def with_mirror(x, view: str, name=None):
-        return layers.Average(name=name)([model(x), model(mirror(x, name=f"mirror{view}"))])
+        return layers.Average(name=name)([net(x), net(mirror(x, name=f"mirror{view}"))])
 
     if not recipe.test_time_shift:
-        return keras.Model(images, with_mirror(images, "", name="probabilities"), name=model.name)
-    shifted = layers.Average()([with_mirror(shift(images, -1, -1), "_up_left"),
-                                with_mirror(shift(images, 1, 1), "_down_right")])
-    probabilities = layers.Average(name="probabilities")([with_mirror(images, ""), shifted])
-    return keras.Model(images, probabilities, name=model.name)
+        averaged = with_mirror(images, "", name=last)
+    else:
+        shifted = layers.Average()([with_mirror(shift(images, -1, -1), "_up_left"),
+                                    with_mirror(shift(images, 1, 1), "_down_right")])
+        averaged = layers.Average(name=last)([with_mirror(images, ""), shifted])
+    if head is not None:
+        averaged = layers.Activation("softmax", dtype="float32", name="probabilities")(averaged)
+    return keras.Model(images, averaged, name=model.name)

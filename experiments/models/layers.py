@@ -62,13 +62,68 @@ class AlternatingFlip(layers.Layer):
 
 
 def flip_epoch_callbacks(model: keras.Model) -> list:
-    """The callback that tells `model`'s AlternatingFlip layers the epoch as each epoch begins (on resume too:
-    the layers are looked up on the model given, which may come from a checkpoint); none if it has none."""
-    flips = [layer for layer in model.layers if isinstance(layer, AlternatingFlip)]
-    if not flips:  # they mirror by epoch parity: tell them the epoch
+    """The callback that tells `model`'s epoch-aware layers (AlternatingFlip, EpochGatedBias) the epoch as each
+    epoch begins (on resume too: the layers are looked up on the model given, which may come from a
+    checkpoint); none if it has none."""
+    flips = [layer for layer in model.layers if isinstance(layer, (AlternatingFlip, EpochGatedBias))]
+    if not flips:  # they act by epoch: tell them the epoch
         return []
     return [keras.callbacks.LambdaCallback(
         on_epoch_begin=lambda epoch, logs=None: [layer.epoch.assign(epoch) for layer in flips])]
+
+
+class EpochGatedBias(layers.Layer):
+    """A per-channel bias that trains for the first `epochs` epochs only, then stays (airbench trains its
+    whitening layer's bias for 3 epochs). `portable()` swaps in a stock Rescaling with this offset."""
+
+    def __init__(self, epochs: int = 3, **kwargs):
+        super().__init__(**kwargs)
+        self.epochs = epochs
+
+    def build(self, input_shape):
+        self.bias = self.add_weight(shape=(input_shape[-1],), initializer="zeros", name="bias")
+        self.epoch = self.add_weight(shape=(), dtype="int32", initializer="zeros", trainable=False, name="epoch")
+
+    def get_config(self):
+        return {**super().get_config(), "epochs": self.epochs}
+
+    def call(self, x, training=None):
+        bias = keras.ops.cast(self.bias, x.dtype)
+        frozen = keras.ops.stop_gradient(bias)
+        return x + keras.ops.where(keras.ops.less(self.epoch, self.epochs), bias, frozen)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
+
+
+class RandomShift(layers.Layer):
+    """Training-only shifts by whole pixels, uniform in -`pixels`..`pixels` on each axis, the border reflected:
+    airbench's crops of reflection-padded images. (`RandomTranslation` draws a fraction of the side and
+    repeats edge pixels.) `portable()` swaps in a stock Identity layer before a model is saved."""
+
+    def __init__(self, pixels: int = 2, seed: int | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self.pixels = pixels
+        self.seed_generator = keras.random.SeedGenerator(seed)
+
+    def get_config(self):
+        return {**super().get_config(), "pixels": self.pixels}
+
+    def call(self, images, training=None):
+        if not training or not self.pixels:
+            return images
+        import tensorflow as tf
+
+        p = self.pixels
+        height, width = images.shape[1], images.shape[2]
+        padded = tf.pad(images, [[0, 0], [p, p], [p, p], [0, 0]], mode="REFLECT")
+        offsets = keras.random.randint((tf.shape(images)[0], 2), 0, 2 * p + 1, seed=self.seed_generator)
+        rows = offsets[:, :1] + tf.range(height)[None]  # (batch, height): the source row of each output row
+        cols = offsets[:, 1:] + tf.range(width)[None]
+        return tf.gather(tf.gather(padded, rows, axis=1, batch_dims=1), cols, axis=2, batch_dims=1)
+
+    def compute_output_shape(self, input_shape):
+        return input_shape
 
 
 class FastBatchNorm(layers.BatchNormalization):
@@ -119,15 +174,18 @@ def portable(model: keras.Model) -> keras.Model:
             config = layer.get_config()
             del config["bias_scale"]
             return layers.BatchNormalization.from_config(config)
-        if isinstance(layer, AlternatingFlip):
+        if isinstance(layer, (AlternatingFlip, RandomShift)):
             return layers.Identity(name=layer.name)
+        if isinstance(layer, EpochGatedBias):
+            return layers.Rescaling(1.0, offset=layer.bias.numpy().tolist(), name=layer.name)
         return layer.__class__.from_config(layer.get_config())
 
-    if not any(isinstance(layer, (FastBatchNorm, AlternatingFlip)) for layer in model.layers):
+    custom = (FastBatchNorm, AlternatingFlip, RandomShift, EpochGatedBias)
+    if not any(isinstance(layer, custom) for layer in model.layers):
         return model
     copy = keras.models.clone_model(model, clone_function=clone)
     for layer in model.layers:
-        if not isinstance(layer, AlternatingFlip):  # its Identity has no epoch counter to copy
+        if not isinstance(layer, custom[1:]):  # their stock stand-ins hold no weights
             copy.get_layer(layer.name).set_weights(layer.get_weights())
     for layer in model.layers:
         if isinstance(layer, FastBatchNorm) and layer.center and layer.bias_scale != 1.0:
@@ -147,14 +205,17 @@ def dtype_policy(name: str):
 
 
 def conv_bn(x, filters: int, kernel_size: int = 3, momentum: float = 0.9, pool: bool = False, scale: bool = True,
-            strides: int = 1, activation: str | None = "relu", gamma: str = "ones", bias_scale: float = 1.0):
+            strides: int = 1, activation: str | None = "relu", gamma: str = "ones", bias_scale: float = 1.0,
+            epsilon: float = 1e-3, kernel_initializer="glorot_uniform"):
     """Conv, then (optionally a 2x2 max-pool: a quarter of the normalising work), batch norm, then the
     activation (none if None)."""
-    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False)(x)
+    x = layers.Conv2D(filters, kernel_size, strides=strides, padding="same", use_bias=False,
+                      kernel_initializer=kernel_initializer)(x)
     if pool:
         x = layers.MaxPooling2D(2)(x)
     # Momentum 0.9 (Keras: 0.99) so inference statistics settle within a short run.
-    x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma, bias_scale=bias_scale)(x)
+    x = FastBatchNorm(momentum=momentum, scale=scale, gamma_initializer=gamma, bias_scale=bias_scale,
+                      epsilon=epsilon)(x)
     # ReLU by default, not GELU: oneDNN fuses conv + norm + ReLU; GELU in bfloat16 runs several times slower
     # here (BENCHMARKS.md, "Speed notes measured while building this").
     return layers.Activation(activation)(x) if activation else x
