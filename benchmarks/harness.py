@@ -54,7 +54,7 @@ def benchmark(name: str, description: str):
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
     from benchmarks import (  # noqa: F401
-        cpu, determinism, evaluation, overhead, pipeline, precision, recipes, runs, serving, speed,
+        ablation, cpu, determinism, evaluation, overhead, pipeline, precision, recipes, runs, serving, speed,
     )
 
 

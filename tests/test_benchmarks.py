@@ -238,3 +238,14 @@ def test_the_precision_benchmark_compares_auto_s_choice_with_the_faster_precisio
     assert row["auto_vs_faster"] == pytest.approx(row["float32_ms"] / min(row["float32_ms"], row["bfloat16_ms"]))
     assert row["within_5pct"] == ("yes" if row["auto_vs_faster"] <= 1.05 else "no")
     assert row["auto_decision_s"] > 0
+
+
+@pytest.mark.slow
+def test_the_airbench_ablation_trains_each_variant_once_per_seed(tiny_cifar):
+    rows = harness.run("airbench_ablation", {"variants": "0,2", "seeds": "0", "epochs": 1,
+                                             "data_dir": str(tiny_cifar)}, None)
+    assert [r["variant"] for r in rows] == ["port as is", "uniform whole-pixel shifts, reflected"]
+    shifted = mlflow.get_run(rows[1]["run_id"])
+    assert shifted.data.params["options.shift"] == '"uniform"' and shifted.data.params["options.widths"] == "[32, 64, 128]"
+    assert "options.shift" not in mlflow.get_run(rows[0]["run_id"]).data.params
+    assert all(0 <= r["test_accuracy"] <= 1 and r["wall_s"] > 0 for r in rows)
