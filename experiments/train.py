@@ -142,6 +142,7 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
         if track:  # the model first: the test figures are logged on it
             model_id = run_logging.log_model(model, data, history)
             run_logging.log_evaluation(data, probabilities, history, accuracy, loss, model_id)
+            run_logging.log_view_figures(model, config, data, model_id)
         if checkpointed:
             checkpoints.remove(run_id)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)

@@ -1,6 +1,7 @@
 """Promote the best finished run of a dataset to the MLflow model registry, behind the alias `champion`.
 
     python -m registry.promote --dataset cifar10 [--metric test_accuracy] [--dry-run true] [--experiment NAME]
+                               [--tta as_trained|none|flip|full]
     python -m registry.promote --rollback cifar10        # champion back to the previous champion
 
 Candidates are the dataset's finished training runs and the tuning searches' `best=true` runs that
@@ -13,6 +14,12 @@ registry/classifier.py, the pyfunc that serves raw pixels or encoded images). It
 only if it beats the current champion on the metric; otherwise it gets `challenger`. Promoting again
 with no new runs changes nothing. A rolled-back version is tagged `rolled_back=true`; its run, like
 every registered run, is not considered again.
+
+`--tta` chooses the test-time views the registered model serves: `as_trained` (default: the recipe's),
+or `none`, `flip` (it and its mirror) or `full` (airbench's six). Each view is a forward pass, so `none`
+serves a six-view model at a sixth of its cost; the run's `test_accuracy_tta_<level>` says what that
+costs in accuracy, and becomes the version's `served_test_accuracy` tag. Candidates are still ranked
+by their runs' metric as trained.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from experiments.tracking import (ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, NOT_CA
                                   check_tracking_server, connect, launched_run_id)
 
 CHAMPION = "champion"
+AS_TRAINED = "as_trained"
 CHALLENGER = "challenger"
 CLASSIFIER_CODE = Path(__file__).with_name("classifier.py")
 
@@ -69,8 +77,12 @@ def lower_is_better(metric: str) -> bool:
 
 
 def promote(dataset: str, metric: str = "test_accuracy", dry_run: bool = False, experiment: str = "",
-            data_digest: str = "", client=None) -> list[Decision]:
+            data_digest: str = "", client=None, tta: str = AS_TRAINED) -> list[Decision]:
     """Promote the best candidate of each registered model of `dataset`; returns what was decided."""
+    from experiments.models import TTA_LEVELS
+
+    if tta != AS_TRAINED and tta not in TTA_LEVELS:
+        raise UserError(f"unknown tta {tta!r}; choose one of: {AS_TRAINED}, {', '.join(TTA_LEVELS)}")
     client = client or _client()
     candidates = find_candidates(client, dataset, metric, experiment)
     if not candidates:
@@ -82,7 +94,8 @@ def promote(dataset: str, metric: str = "test_accuracy", dry_run: bool = False, 
     groups: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         groups.setdefault(registered_name(dataset, candidate.arch), []).append(candidate)
-    return [_promote_group(client, name, group, metric, dry_run, data_digest) for name, group in sorted(groups.items())]
+    return [_promote_group(client, name, group, metric, dry_run, data_digest, tta)
+            for name, group in sorted(groups.items())]
 
 
 def find_candidates(client, dataset: str, metric: str, experiment: str = "") -> list[Candidate]:
@@ -111,7 +124,7 @@ def find_candidates(client, dataset: str, metric: str, experiment: str = "") -> 
 
 
 def _promote_group(client, name: str, candidates: list[Candidate], metric: str, dry_run: bool,
-                   data_digest: str) -> Decision:
+                   data_digest: str, tta: str = "as_trained") -> Decision:
     champion = _alias(client, name, CHAMPION)
     champion_value = None
     if champion is not None:
@@ -142,7 +155,7 @@ def _promote_group(client, name: str, candidates: list[Candidate], metric: str, 
     if dry_run:
         return _report(Decision(name, f"would be {alias}", None, best.run_id, best.value,
                                 f"{name}: dry run: {summary} would be registered as {alias}; {versus}{note}"))
-    version = _register(client, name, best, metric)
+    version = _register(client, name, best, metric, tta)
     client.set_registered_model_alias(name, alias, version.version)
     if beats:
         history = _champion_history(client, name) + [str(version.version)]
@@ -202,15 +215,18 @@ def _champion_history(client, name: str) -> list[str]:
     return json.loads(client.get_registered_model(name).tags.get("champion_history", "[]"))
 
 
-def _register(client, name: str, best: Candidate, metric: str):
+def _register(client, name: str, best: Candidate, metric: str, tta: str = "as_trained"):
     import mlflow
 
-    uri = log_serving_model(client, best.run_id)
+    uri, served = log_serving_model(client, best.run_id, tta)
     run = client.get_run(best.run_id)
     tags = {
         DATASET_TAG: run.data.tags.get(DATASET_TAG, ""),
         ARCH_TAG: best.arch,
         "test_accuracy": str(run.data.metrics.get("test_accuracy", "")),
+        # what the views it serves score: test_accuracy unless --tta changed them
+        "served_test_accuracy": "" if served["test_accuracy"] is None else str(served["test_accuracy"]),
+        "tta": served["tta"],
         DATA_DIGEST_TAG: best.data_digest,
         "git_commit": best.git_commit,
         "source_run": best.run_id,
@@ -228,8 +244,9 @@ def _register(client, name: str, best: Candidate, metric: str):
     return client.get_model_version(name, version.version)
 
 
-def log_serving_model(client, run_id: str) -> str:
-    """Wrap the run's Keras model in the serving pyfunc (registry/classifier.py); log it to the same run."""
+def log_serving_model(client, run_id: str, tta: str = "as_trained") -> tuple[str, dict]:
+    """Wrap the run's Keras model, with the test-time views `tta`, in the serving pyfunc (registry/classifier.py);
+    log it to the same run. Returns its URI and {"tta": the views served, "test_accuracy": their figure}."""
     import mlflow
     import numpy as np
     from mlflow.models import Model, ModelSignature
@@ -259,6 +276,7 @@ def log_serving_model(client, run_id: str) -> str:
                 raise
             raise UserError(f"the model of run {run_id} holds Python code (a Lambda layer) that safe mode "
                             "does not load; retrain it with stock layers") from None
+        model, served = served_views(model, client.get_run(run_id), tta, image_shape, len(class_names))
         model.save(keras_path)
         # Created first, in the run's experiment: Model.log alone would file it in the active (Default) one.
         serving = mlflow.initialize_logged_model(name="serving", source_run_id=run_id, model_type="classifier",
@@ -278,8 +296,32 @@ def log_serving_model(client, run_id: str) -> str:
             pip_requirements=pinned_requirements(packages),
             step=MODEL_STEP,  # no run metric copied at random: the training model's figures, linked below
         )
-    link_metrics(client, run_id, logged.model_id, mlflow.get_logged_model(info.model_id).metrics)
-    return logged.model_uri
+    figures = mlflow.get_logged_model(info.model_id).metrics
+    if served["views_changed"]:  # the training model's test figures are of other views: only those of these
+        figures = [m for m in figures if not m.key.startswith("test_") or m.key == f"test_accuracy_tta_{served['tta']}"]
+    link_metrics(client, run_id, logged.model_id, figures)
+    client.set_logged_model_tags(logged.model_id, {"tta": served["tta"]})
+    return logged.model_uri, served
+
+
+def served_views(model, run, tta: str, image_shape: list, num_classes: int):
+    """(the model with the views `tta`, {"tta", "test_accuracy" of those views or None, "views_changed"})."""
+    from experiments.datasets import dataset_entry
+    from experiments.models import DataSpec, Recipe, tta_level, with_views
+
+    params = run.data.params
+    recipe = Recipe(**{field: params.get(f"recipe.{field}") == "True"
+                       for field in ("test_time_flip", "test_time_shift", "test_time_logits")})
+    dataset = run.data.tags.get(DATASET_TAG, "")
+    spec = DataSpec(tuple(image_shape), num_classes, dataset_entry(dataset).hflip if dataset else True)
+    trained = tta_level(recipe, spec)
+    if tta in (AS_TRAINED, trained):
+        return model, {"tta": trained, "test_accuracy": run.data.metrics.get("test_accuracy"), "views_changed": False}
+    accuracy = run.data.metrics.get(f"test_accuracy_tta_{tta}")
+    if accuracy is None:
+        print(f"note: run {run.info.run_id} did not measure its test accuracy with tta={tta} (it was trained to "
+              f"serve {trained}); the version's served_test_accuracy tag is left empty", flush=True)
+    return with_views(model, tta, recipe, spec), {"tta": tta, "test_accuracy": accuracy, "views_changed": True}
 
 
 def _report(decision: Decision) -> Decision:
@@ -298,13 +340,15 @@ def main(argv=None) -> int:
     parser.add_argument("--experiment", default="", help="only runs of this experiment (default: all)")
     parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
     parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")
+    parser.add_argument("--tta", default=AS_TRAINED, help="test-time views served: as_trained, none, flip or full")
     args = parser.parse_args(argv)
 
     def body():
         if args.rollback:
             decisions = [rollback(args.rollback, args.dry_run)]
         elif args.dataset:
-            decisions = promote(args.dataset, args.metric, args.dry_run, args.experiment, args.data_digest)
+            decisions = promote(args.dataset, args.metric, args.dry_run, args.experiment, args.data_digest,
+                                tta=args.tta)
         else:
             raise UserError("give --dataset NAME to promote, or --rollback NAME")
         if launched_run_id():  # under `mlflow run`: the launcher's run records the decisions

@@ -104,6 +104,44 @@ def test_a_tuning_best_run_competes_and_lower_is_better_for_losses(tiny_cifar):
     assert registry.promote("cifar10", metric="test_loss", dry_run=True)[0].run_id == plain
 
 
+@pytest.mark.slow
+def test_the_served_views_are_chosen_at_promotion_with_their_own_figure(tiny_cifar):
+    import keras
+
+    from experiments.models import without_views
+
+    run_id = trained(tiny_cifar, arch="airbench_s")  # trained to serve six views
+    run = mlflow.get_run(run_id)
+    assert run.data.tags["tta"] == "full"
+    assert {"test_accuracy_tta_none", "test_accuracy_tta_flip"} <= set(run.data.metrics)
+    with pytest.raises(UserError, match="unknown tta 'two'; choose one of: as_trained, none, flip, full"):
+        registry.promote("cifar10", tta="two")
+    (decision,) = registry.promote("cifar10", tta="none")
+    version = mlflow.MlflowClient().get_model_version("cifar10", decision.version)
+    assert version.tags["tta"] == "none"
+    assert float(version.tags["served_test_accuracy"]) == run.data.metrics["test_accuracy_tta_none"]
+    assert float(version.tags["test_accuracy"]) == run.data.metrics["test_accuracy"]  # as trained, as ranked
+
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    six_views = mlflow.keras.load_model(f"runs:/{run_id}/model")
+    one_view = without_views(six_views)
+    served = mlflow.pyfunc.load_model("models:/cifar10@champion").predict(images)
+    np.testing.assert_allclose([r["probabilities"] for r in served], one_view.predict(images, verbose=0), atol=1e-5)
+    assert not np.allclose(one_view.predict(images, verbose=0), six_views.predict(images, verbose=0), rtol=1e-2, atol=0)
+    serving = mlflow.get_logged_model(mlflow.models.get_model_info("models:/cifar10@champion").model_id)
+    figures = {m.key for m in serving.metrics}
+    assert "test_accuracy_tta_none" in figures and "test_accuracy" not in figures  # only its own views' figure
+    assert not any(isinstance(layer, keras.layers.Average) for layer in one_view.layers)
+
+
+def test_mirrored_views_are_refused_where_a_mirror_changes_the_class():
+    from experiments.models import DataSpec, Recipe, create_model, with_views
+
+    digits = DataSpec((28, 28, 1), 10, hflip=False)
+    with pytest.raises(UserError, match="test-time views 'flip' mirror images, which changes their class here"):
+        with_views(create_model("cnn_simple", digits), "flip", Recipe(), digits)
+
+
 def test_promote_without_runs_fails_in_one_line(capsys):
     assert registry.main(["--dataset", "imagenette"]) == 2
     [err] = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -154,7 +154,14 @@ from experiments.models.layers import (  # noqa: E402
     portable,
     shift,
 )
-from experiments.models.inference import inference_model, inference_views  # noqa: E402
+from experiments.models.inference import (  # noqa: E402
+    TTA_LEVELS,
+    inference_model,
+    inference_views,
+    tta_level,
+    with_views,
+    without_views,
+)
 from experiments.models.modern import residual_block  # noqa: E402
 from experiments.models.airbench import AIRBENCH, PATCH_WHITENING, fit_patch_whitening  # noqa: E402
 from experiments.models.vgg16 import VGG16_RGB_MEAN, vgg16_features, vgg16_head_layers  # noqa: E402

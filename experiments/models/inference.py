@@ -10,6 +10,37 @@ from experiments.models import DataSpec, Recipe
 from experiments.models.layers import mirror, portable, shift
 
 
+# Test-time views a served model may average, by name: (mirror, shifts).
+TTA_LEVELS = {"none": (False, False), "flip": (True, False), "full": (True, True)}
+
+
+def tta_level(recipe: Recipe, data: DataSpec) -> str:
+    """The views `recipe` trains a model to serve, by name (a key of TTA_LEVELS)."""
+    return {1: "none", 2: "flip", 6: "full"}[inference_views(recipe, data)]
+
+
+def without_views(model: keras.Model) -> keras.Model:
+    """The one-view model inside a model that inference_model() gave test-time views (itself if it has none)."""
+    names = {layer.name for layer in model.layers}
+    last = "logits" if "logits" in names else "probabilities"  # where the views are averaged
+    if last not in names or not isinstance(model.get_layer(last), layers.Average):
+        return model  # no views (the VGG16 head's softmax, say, is inside its own head)
+    (net,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]  # every view runs this one
+    if not net.name.endswith("_logits"):
+        return net
+    probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(net.output)
+    return keras.Model(net.input, probabilities, name=model.name)
+
+
+def with_views(model: keras.Model, level: str, recipe: Recipe, data: DataSpec) -> keras.Model:
+    """`model` (with or without views) re-served with the views of `level`, averaged as `recipe` averages them."""
+    flip, shifts = TTA_LEVELS[level]
+    if flip and not data.hflip:
+        raise UserError(f"test-time views {level!r} mirror images, which changes their class here; use none")
+    return inference_model(without_views(model), Recipe(test_time_flip=flip, test_time_shift=shifts,
+                                                        test_time_logits=recipe.test_time_logits), data)
+
+
 def inference_views(recipe: Recipe, data: DataSpec) -> int:
     """Forward passes per image of the model inference_model() builds."""
     if not (recipe.test_time_flip and data.hflip):
