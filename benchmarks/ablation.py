@@ -29,12 +29,12 @@ def airbench_ablation(variants: str = "", seeds: str = "0", epochs: int = 5, dat
     every variant, e.g. to ablate on top of changes already kept."""
     import mlflow
 
-    from benchmarks.recipes import _json_object
+    from benchmarks.recipes import json_option
     from experiments.train import TrainConfig, load_data, train
 
     names = list(VARIANTS)
     chosen = [names[int(i)] for i in variants.split(",")] if variants else names
-    base_options, base_recipe = _json_object("options", options), _json_object("recipe", recipe)
+    base_options, base_recipe = json_option("options", options), json_option("recipe", recipe)
     rows = []
     for seed in (int(s) for s in seeds.split(",")):
         for name in chosen:

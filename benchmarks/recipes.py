@@ -50,7 +50,7 @@ def forward_flops(model) -> int:
     return total
 
 
-def _json_object(name: str, text: str) -> dict:
+def json_option(name: str, text: str) -> dict:
     try:
         return json_object(text)
     except argparse.ArgumentTypeError as exc:
@@ -71,8 +71,8 @@ def _recipe_benchmark(name: str, settings: dict, target: float, minutes: float):
         from experiments.train import TrainConfig, load_data, train
 
         config = TrainConfig(**{**settings, "epochs": epochs, "data_dir": data_dir, "seed": seed,
-                                "image_size": image_size, "options": _json_object("options", options),
-                                "recipe": _json_object("recipe", recipe), "precision": precision})
+                                "image_size": image_size, "options": json_option("options", options),
+                                "recipe": json_option("recipe", recipe), "precision": precision})
         config.validate()
         load_data(config)  # decoding the data set is not part of training time
         start = time.perf_counter()

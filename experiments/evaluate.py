@@ -10,6 +10,10 @@ import matplotlib
 matplotlib.use("Agg")  # no display on servers and CI
 import matplotlib.pyplot as plt  # noqa: E402
 import mlflow.models.evaluation.evaluators.classifier  # noqa: E402,F401 (imported up front: see run_logging)
+# mlflow.models.evaluate imports the MLflow flavour of each library already loaded (to switch its
+# autologging off) while it holds MLflow's import-hook lock: these two would be imported then, mid-run.
+import mlflow.sklearn  # noqa: E402,F401
+import mlflow.tensorflow  # noqa: E402,F401
 import numpy as np  # noqa: E402
 
 # Beyond this many classes our confusion matrix (plots/confusion_matrix.png) shows no per-cell counts.

@@ -21,7 +21,9 @@ PROJECT_ROOT = Path(__file__).resolve().parent.parent
 # MLflow probes for Databricks' `dbruntime` on every request to a tracking server, from whichever
 # thread sends it (system metrics, async metric logging): an import attempt that, under MLflow 3.17's
 # import hooks, can deadlock with an import on the main thread (a training hung in CI). Where it is not
-# installed, a None entry makes the probe fail at once, without the import machinery's locks.
+# installed, a None entry makes the probe fail at once, without the import machinery's locks. (Its
+# `pyspark` probe cannot be silenced so: MLflow reads a None entry as Spark being loaded. evaluate.py
+# keeps the main thread from importing while it holds MLflow's import-hook lock instead.)
 if importlib.util.find_spec("dbruntime") is None:
     sys.modules.setdefault("dbruntime", None)
 

@@ -123,3 +123,20 @@ def test_the_help_lists_every_registered_architecture():
     from experiments.models import list_models
 
     assert architecture_names() == list_models()
+
+
+@pytest.mark.slow
+def test_a_training_imports_mlflow_s_flavours_before_its_run_starts():
+    """mlflow.models.evaluate imports the MLflow flavour of every library already loaded while it holds MLflow's
+    import-hook lock; an import then, with the run's system-metrics thread importing too, deadlocked a
+    training in CI. Everything it would import must be loaded before the run starts."""
+    import subprocess
+    import sys
+
+    probe = ("import sys, keras, sklearn, tensorflow\nimport experiments.run_logging\n"
+             "from mlflow.models.evaluation.utils.trace import FLAVOR_TO_MODULE_NAME\n"
+             "print(sorted(f for f, m in FLAVOR_TO_MODULE_NAME.items() if m in sys.modules and "
+             "f'mlflow.{f}' not in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", probe], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == "[]"
