@@ -14,6 +14,7 @@ the machine, the date and the command. Benchmarks are never timed in pytest.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime
 import inspect
@@ -21,6 +22,7 @@ import os
 import platform
 import re
 import shlex
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable
@@ -90,6 +92,18 @@ def parse_options(bench: Benchmark, pairs: list[str]) -> dict:
         except ValueError:
             raise UserError(f"{bench.name}: option {key} must be a {kind.__name__}, got {value!r}") from None
     return options
+
+
+@contextlib.contextmanager
+def empty_cache():
+    """A fresh, empty CNN_CACHE_DIR for the block, as on a new machine; the previous setting comes back after."""
+    previous = os.environ.get("CNN_CACHE_DIR")
+    with tempfile.TemporaryDirectory() as cache:
+        os.environ["CNN_CACHE_DIR"] = cache
+        try:
+            yield Path(cache)
+        finally:
+            os.environ.pop("CNN_CACHE_DIR") if previous is None else os.environ.update(CNN_CACHE_DIR=previous)
 
 
 def machine() -> str:

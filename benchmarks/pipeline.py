@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 
 from benchmarks.cpu import measured_peak
-from benchmarks.harness import benchmark
+from benchmarks.harness import benchmark, empty_cache
 
 
 def _training_images_per_s(model, config, split, steps: int) -> float:
@@ -58,8 +58,6 @@ def data_loading(dataset: str = "imagenette", image_size: int = 160, arch: str =
 def _npz_loads(name: str, data_dir: str) -> list[dict]:
     """Reading a compressed `.npz` dataset: the first load decodes it into an empty cache, a later one maps it."""
     import os
-    import tempfile
-
     from pathlib import Path
 
     from experiments.datasets import find_local
@@ -70,20 +68,15 @@ def _npz_loads(name: str, data_dir: str) -> list[dict]:
     if path is None or path.suffix != ".npz":
         return []
     rows = []
-    previous = os.environ.get("CNN_CACHE_DIR")
-    with tempfile.TemporaryDirectory() as cache:
-        os.environ["CNN_CACHE_DIR"] = cache
-        try:
-            for stage in ("first load: decode into the cache", "later loads: memory-map the decoded arrays"):
-                start = time.perf_counter()
-                arrays = read_npz(path)
-                images = sum(len(arrays[k]) for k in ("x_train", "x_test")) if "x_test" in arrays else 0
-                sum(int(a.reshape(-1)[::4096].sum()) for a in arrays.values())  # touch every array
-                seconds = time.perf_counter() - start
-                rows.append({"stage": f"{path.name}, {stage}", "seconds": seconds, "images_per_s": images / seconds})
-                del arrays
-        finally:
-            os.environ.pop("CNN_CACHE_DIR") if previous is None else os.environ.update(CNN_CACHE_DIR=previous)
+    with empty_cache():  # the first load decodes, as on a new machine
+        for stage in ("first load: decode into the cache", "later loads: memory-map the decoded arrays"):
+            start = time.perf_counter()
+            arrays = read_npz(path)
+            images = sum(len(arrays[k]) for k in ("x_train", "x_test")) if "x_test" in arrays else 0
+            sum(int(a.reshape(-1)[::4096].sum()) for a in arrays.values())  # touch every array
+            seconds = time.perf_counter() - start
+            rows.append({"stage": f"{path.name}, {stage}", "seconds": seconds, "images_per_s": images / seconds})
+            del arrays
     return rows
 
 

@@ -3,12 +3,10 @@ for a few architectures, against what auto chose (from an empty cache, as on a n
 
 from __future__ import annotations
 
-import os
 import statistics
-import tempfile
 import time
 
-from benchmarks.harness import benchmark
+from benchmarks.harness import benchmark, empty_cache
 
 # The input each architecture is measured at: its dataset's (xresnet: Imagenette at 128 px).
 SHAPES = {"xresnet": ((128, 128, 3), 10, 64)}  # arch: (image shape, classes, batch)
@@ -27,15 +25,10 @@ def precision(archs: str = "cnn_deep,airbench_s,xresnet", seconds: float = 3.0, 
         shape, classes, batch = SHAPES.get(arch, CIFAR10)
         spec = DataSpec(shape, classes)
         config = TrainConfig("cifar10", arch, batch_size=batch)
-        previous = os.environ.get("CNN_CACHE_DIR")
-        with tempfile.TemporaryDirectory() as cache:  # an empty cache: auto measures, as on a new machine
-            os.environ["CNN_CACHE_DIR"] = cache
-            try:
-                start = time.perf_counter()
-                choice = for_training(config, spec)
-                choice_seconds = time.perf_counter() - start
-            finally:
-                os.environ.pop("CNN_CACHE_DIR") if previous is None else os.environ.update(CNN_CACHE_DIR=previous)
+        with empty_cache():  # auto measures, as on a new machine
+            start = time.perf_counter()
+            choice = for_training(config, spec)
+            choice_seconds = time.perf_counter() - start
         # Then a longer measurement of each, alternating, median of the rounds.
         entry = get_model_entry(arch)
         timers = {p: step_timer(lambda: entry.build(spec), POLICIES[p], batch, shape, classes, seconds)
