@@ -62,7 +62,7 @@ def payloads(shape: tuple) -> dict[str, bytes]:
     }
 
 
-def hammer(port: int, body: bytes, clients: int, requests: int) -> dict:
+def hammer(port: int, body: bytes, clients: int, requests: int, path: str = "/invocations") -> dict:
     """`requests` batch-1 POSTs spread over `clients` threads; latency percentiles and images/s."""
     latencies: list[float] = []
     failures = []
@@ -74,7 +74,7 @@ def hammer(port: int, body: bytes, clients: int, requests: int) -> dict:
         mine = []
         for _ in range(count):
             start = time.perf_counter()
-            connection.request("POST", "/invocations", body, {"Content-Type": "application/json"})
+            connection.request("POST", path, body, {"Content-Type": "application/json"})
             response = connection.getresponse()
             response.read()
             mine.append(time.perf_counter() - start)

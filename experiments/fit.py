@@ -75,8 +75,9 @@ class Lookahead(keras.callbacks.Callback):
             weight.assign(average.astype(weight.dtype))
 
 
-def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int | None = None):
-    """(images, one-hot labels) batches; one-hot so that label smoothing works for every recipe."""
+def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: int | None = None,
+                 cutmix: float = 0.0):
+    """(images, one-hot labels) batches; one-hot so that label smoothing and CutMix work for every recipe."""
     import tensorflow as tf
 
     images = split.images
@@ -85,7 +86,24 @@ def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: 
         # feeds each epoch's first batches from the first classes only, its last batches from the last ones.
         images = images.shuffle(len(split), seed=shuffle_seed, reshuffle_each_iteration=True)
     batches = images.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
+    if cutmix:
+        batches = batches.map(cut_and_mix(cutmix, shuffle_seed), num_parallel_calls=tf.data.AUTOTUNE)
     return batches.prefetch(tf.data.AUTOTUNE)
+
+
+def cut_and_mix(factor: float, seed: int | None):
+    """keras.layers.CutMix for (uint8 images, one-hot labels) batches: a box of each image is replaced by the
+    same box of another image in the batch, and the labels mixed by area. Pasted pixels are copies, so the
+    images come back as exact uint8 (the models take raw pixels)."""
+    import tensorflow as tf
+
+    layer = keras.layers.CutMix(factor=factor, seed=seed)
+
+    def mix(images, labels):
+        mixed = layer({"images": tf.cast(images, tf.float32), "labels": labels}, training=True)
+        return tf.cast(tf.round(mixed["images"]), tf.uint8), mixed["labels"]
+
+    return mix
 
 
 def image_batches(split: Split, batch_size: int):
@@ -141,8 +159,9 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
     (train_split, _), (validation_split, _) = splits
     if not compiled:
         compile_model(model, config.training_recipe(), config, len(train_split), initial_epoch)
-    train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed)
     recipe = config.training_recipe()
+    train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed,
+                                 cutmix=recipe.cutmix)
     if recipe.lookahead_images:
         steps = -(-len(train_split) // config.batch_size) * (config.epochs - initial_epoch)
         callbacks = [*callbacks, Lookahead(max(1, recipe.lookahead_images // config.batch_size), steps)]
@@ -157,7 +176,9 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
         verbose=progress_verbosity(),
     )
     if model.optimizer.use_ema:  # a property of the recipe (its weight average), whatever the architecture
-        recalibrate_norms(model, train_batches)
+        # The statistics of whole images, as the model will see them, not of CutMix's patchworks.
+        recalibrate_norms(model, make_batches(train_split, config.batch_size, data.num_classes,
+                                              shuffle_seed=config.seed) if recipe.cutmix else train_batches)
     return history.history
 
 

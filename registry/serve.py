@@ -70,10 +70,11 @@ def server_environment(port: int) -> Path | None:
     return None
 
 
-def _answers_ping(port: int) -> bool:
+def answers(port: int, path: str) -> bool:
+    """True once GET `path` on the loopback `port` answers 200."""
     try:
         connection = http.client.HTTPConnection("127.0.0.1", port, timeout=2)
-        connection.request("GET", "/ping")
+        connection.request("GET", path)
         return connection.getresponse().status == 200
     except OSError:
         return False
@@ -93,20 +94,28 @@ def serving(model_uri: str, workers: int = 1, timeout: float = 300, env_manager:
         "MLFLOW_MODELS_WORKERS": str(workers),
         **env,
     }
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
+               *(["--env-manager", env_manager] if env_manager else []), "-h", "127.0.0.1", "-p", str(port)]
+    with supervised(command, environment, lambda: answers(port, "/ping"), timeout, model_uri):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def supervised(command: list[str], env: dict, ready, timeout: float, what: str):
+    """Run a server `command` in its own process group until `ready()`; stop the group on leaving.
+
+    ServerError, ending with the server's log, if it exits or is not ready within `timeout` seconds.
+    """
     with tempfile.TemporaryFile() as log:
-        server = subprocess.Popen(
-            [sys.executable, "-m", "mlflow", "models", "serve", "-m", model_uri,
-             *(["--env-manager", env_manager] if env_manager else []), "-h", "127.0.0.1", "-p", str(port)],
-            env=environment, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )
+        server = subprocess.Popen(command, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             deadline = time.monotonic() + timeout
-            while not _answers_ping(port):
+            while not ready():
                 if server.poll() is not None or time.monotonic() > deadline:
                     log.seek(0)
-                    raise ServerError(f"{model_uri} did not serve:\n{log.read().decode(errors='replace')[-3000:]}")
+                    raise ServerError(f"{what} did not serve:\n{log.read().decode(errors='replace')[-3000:]}")
                 time.sleep(0.5)
-            yield f"http://127.0.0.1:{port}"
+            yield
         finally:
             with contextlib.suppress(ProcessLookupError):  # already gone
                 os.killpg(server.pid, signal.SIGTERM)

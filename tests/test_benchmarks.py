@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import subprocess
 import sys
 
@@ -14,7 +15,7 @@ import mlflow
 import pytest
 
 from benchmarks import cpu, harness, recipes, runs
-from conftest import PROJECT_ROOT, python_env
+from conftest import PROJECT_ROOT, python_env, trained
 from experiments.errors import UserError
 
 harness.load_all()
@@ -137,6 +138,70 @@ def test_serving_benchmark_measures_a_real_server_per_worker_count():
                                 filter_string="tags.benchmark = 'serving'")
     assert run.data.metrics["identity pyfunc_png 32x32x3_workers2_clients2_p50_ms".replace(" ", "_")] == \
         pytest.approx(rows[-1]["p50_ms"])
+
+
+@pytest.fixture
+def answering_server():
+    """A loopback HTTP server whose POSTs answer with the status in its `status` attribute (200 first)."""
+    import http.server
+    import threading
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"  # keep-alive, as the load generators use it
+        disable_nagle_algorithm = True  # else each answer waits ~40 ms for a delayed ACK
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(self.server.status)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.status = 200
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    yield server
+    server.shutdown()
+
+
+@pytest.mark.parametrize("generator", ["wrk", "python threads"])
+def test_the_load_generators_count_answers_and_refuse_failures(answering_server, generator, monkeypatch):
+    from benchmarks import serving_ratio
+
+    if generator == "wrk" and not shutil.which("wrk"):
+        pytest.skip("wrk is not installed (.ci/run installs it)")
+    if generator != "wrk":
+        monkeypatch.setattr(serving_ratio.shutil, "which", lambda name: None)
+    url = f"http://127.0.0.1:{answering_server.server_port}/invocations"
+
+    figures = serving_ratio.load(url, b'{"inputs": [1]}', clients=2, seconds=1)
+
+    assert figures["images_per_s"] > 10 and 0 < figures["p50_ms"] <= figures["p99_ms"]
+    answering_server.status = 500
+    with pytest.raises(RuntimeError, match="failed"):
+        serving_ratio.load(url, b'{"inputs": [1]}', clients=2, seconds=1)
+
+
+@pytest.mark.slow
+def test_serving_ratio_compares_a_real_server_with_the_same_model_in_process(tiny_cifar):
+    from registry.promote import promote
+
+    run_id = trained(tiny_cifar, arch="cnn_simple", recipe={"test_time_flip": True})
+    promote("cifar10")  # the default model: models:/cifar10@champion, whose training run is run_id
+    rows = harness.run("serving_ratio", {"seconds": 1.0, "tta": "as_trained none"}, None)
+
+    assert [(r["tta"], r["engine"], r["input"]) for r in rows] == [
+        (tta, "mlflow models serve", form) for tta in ("flip", "none") for form in ("png", "pixels")]
+    for row in rows:
+        assert row["ratio"] == pytest.approx(row["served_c8_images_per_s"] / row["in_process_b8_images_per_s"])
+        assert row["served_b1_p50_ms"] > 0 and row["in_process_b1_p50_ms"] > 0
+    # Each level's served model is logged into the training run, as promote --tta logs it.
+    served = mlflow.search_logged_models(experiment_ids=[mlflow.get_run(run_id).info.experiment_id],
+                                         filter_string="name = 'serving'", output_format="list")
+    assert sorted(m.tags["tta"] for m in served if m.source_run_id == run_id) == ["flip", "flip", "none"]
 
 
 @pytest.mark.slow

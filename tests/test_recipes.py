@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 from conftest import make_npz
 
+from experiments.errors import UserError
 from experiments.models import DataSpec, create_model, get_model_entry
 from experiments.fit import compile_model
 from experiments.train import TrainConfig, train
@@ -74,3 +75,40 @@ def test_airbench_takes_its_activation_as_an_option():
 
     assert activations() == {"relu"}
     assert activations(activation="gelu") == {"gelu"}
+
+
+def test_cutmix_pastes_boxes_between_uint8_images_and_mixes_their_labels_by_area():
+    """CutMix (recipe `cutmix`) works on the raw uint8 batches the models take: every output pixel is the
+    same pixel of some image of the batch, and each label's mix matches the share of its pixels (to the
+    rounding of the box's edges to whole pixels: Keras mixes by the box's exact area)."""
+    from experiments.datasets import Split
+    from experiments.fit import make_batches
+
+    import tensorflow as tf
+
+    # Each image one flat grey level, so a pixel's value names the image it came from.
+    levels = np.arange(8, dtype=np.uint8) * 30
+    images = np.broadcast_to(levels[:, None, None, None], (8, 64, 64, 3)).copy()
+    split = Split(tf.data.Dataset.from_tensor_slices((images, np.arange(8))), np.arange(8), "levels")
+    plain = next(iter(make_batches(split, 8, num_classes=8)))
+    (mixed_images, mixed_labels), = make_batches(split, 8, num_classes=8, cutmix=1.0).take(1)
+
+    assert mixed_images.dtype == tf.uint8 and plain[0].dtype == tf.uint8
+    np.testing.assert_array_equal(plain[0].numpy(), images)  # off by default
+    pixels, labels = mixed_images.numpy(), mixed_labels.numpy()
+    assert set(np.unique(pixels)) <= set(levels.tolist())
+    shares = np.stack([(pixels[..., 0] == level).mean(axis=(1, 2)) for level in levels], axis=1)
+    np.testing.assert_allclose(labels, shares, atol=2 / 64)
+    assert (labels.max(axis=1) < 1).any()  # some image did get a box from another
+
+
+def test_xresnet_depths_set_the_residual_blocks_per_stage():
+    spec = DataSpec((32, 32, 3), 10)
+
+    def blocks(**options):
+        model = create_model("xresnet", spec, widths=[8, 8, 16, 16], **options)
+        return sum(isinstance(layer, keras.layers.Add) for layer in model.layers)
+
+    assert blocks() == 4 and blocks(depths=[2, 2, 2, 2]) == 8
+    with pytest.raises(UserError, match=r"xresnet: depths \[2, 2\] must give one block count"):
+        create_model("xresnet", spec, depths=[2, 2])

@@ -62,6 +62,7 @@ class Recipe:
     # > 0: airbench's lookahead every this many images: the weights (norm statistics too) move to their
     # running average, which itself follows them less and less: decay 0.95^5 x (progress)^3
     lookahead_images: int = 0
+    cutmix: float = 0.0  # > 0: CutMix on every training batch (keras.layers.CutMix with this factor)
     test_time_flip: bool = False  # serve the average of the predictions for an image and its mirror image
     # With test_time_flip: also average over the image shifted a pixel up-left and down-right (each with
     # its mirror), weighted as airbench's multi-crop TTA: half on the image, half on the shifts.

@@ -5,6 +5,7 @@ from __future__ import annotations
 import keras
 from keras import layers
 
+from experiments.errors import UserError
 from experiments.models import DataSpec, register_model
 from experiments.models.layers import augmentation, classifier, conv_bn, pixels
 
@@ -45,12 +46,16 @@ def residual_block(x, filters: int, strides: int = 1):
     return layers.Activation("relu")(layers.Add()([y, shortcut]))
 
 
-# fast.ai's xresnet, as on the Imagenette leaderboard, at ResNet-10 depth for two CPU cores: a three-conv
-# stem, one residual block per stage, scale augmentation, SGD-Nesterov with warmup and cosine decay.
+# fast.ai's xresnet, as on the Imagenette leaderboard, at ResNet-10 depth for two CPU cores by default: a
+# three-conv stem, one residual block per stage (`depths`: 2 each is ResNet-18's), scale augmentation,
+# SGD-Nesterov with warmup and cosine decay.
 @register_model(optimizer="sgd", learning_rate=0.1, schedule="cosine", weight_decay=5e-4, warmup_fraction=0.1,
                 label_smoothing=0.1, test_time_flip=True)
-def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4) -> keras.Model:
-    """xresnet-style ResNet for 128-160 px images: 3-conv stem, a residual block per stage, zoom+shift+flip."""
+def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4, depths=(1, 1, 1, 1)) -> keras.Model:
+    """xresnet-style ResNet for 128-160 px images: 3-conv stem, `depths` residual blocks per stage, zoom+shift+flip."""
+    if len(depths) != len(widths) or min(depths) < 1:
+        raise UserError(f"xresnet: depths {list(depths)} must give one block count of at least 1 per stage "
+                        f"(widths {list(widths)})")
     inputs, x = pixels(data)
     x = layers.Normalization(mean=0.5, variance=0.0625)(x)
     x = augmentation(data, translate=0.1)(x)
@@ -62,8 +67,9 @@ def xresnet(data: DataSpec, widths=(64, 128, 256, 512), zoom: float = 0.4) -> ke
     x = conv_bn(x, 32)
     x = conv_bn(x, 64)
     x = layers.MaxPooling2D(3, strides=2, padding="same")(x)
-    for stage, filters in enumerate(widths):
-        x = residual_block(x, filters, strides=1 if stage == 0 else 2)
+    for stage, (filters, blocks) in enumerate(zip(widths, depths)):
+        for block in range(blocks):
+            x = residual_block(x, filters, strides=2 if stage > 0 and block == 0 else 1)
     x = layers.GlobalAveragePooling2D()(x)
     x = layers.Dropout(0.2)(x)
     return keras.Model(inputs, classifier(x, data), name="xresnet")
