@@ -13,7 +13,7 @@ For each `tta` level the training run's model is wrapped as `promote --tta` woul
   its MLflow-compatible /invocations route: MLflow 3.17 has dropped `mlflow models serve --enable-mlserver`,
   and MLServer pins fastapi below 0.116, so it runs from a separate venv, given as `mlserver_python=`. Its
   adaptive batching works on the V2 route only, which cannot encode the served model's answer (one record
-  per image) and fails with HTTP 500 (BENCHMARKS.md, "Serving throughput").
+  per image) and fails with HTTP 500 (BENCHMARKS.md, section `serving_ratio`).
 
 Goals: served images/s at least 80% of in-process at batch 8; batch-1 p50 at most 10 ms.
 """
@@ -37,7 +37,7 @@ from benchmarks.harness import benchmark
 from benchmarks.serving import hammer, payloads
 from experiments.errors import UserError
 from experiments.network import free_port
-from registry.serve import answers, supervised
+from registry.serve import answers, serving, supervised
 
 WRK_REPORT = """
 wrk.method = "POST"
@@ -109,20 +109,22 @@ def mlserver(python: str, model_folder: str):
             yield f"http://127.0.0.1:{port}"
 
 
-def mlserver_copy(folder: str) -> str:
-    """A copy of the model folder without its signature, which MLServer 1.7.1 can load.
+@contextlib.contextmanager
+def mlserver_copy(folder: str):
+    """A temporary copy of the model folder without its signature, which MLServer 1.7.1 can load.
 
     mlserver-mlflow reads the signature's inputs as tensors and fails on one with outputs only (the served
     model's: it takes pixels or base64 images, so it declares no input schema).
     """
     import yaml
 
-    copy = Path(tempfile.mkdtemp(prefix="mlserver-model-")) / "model"
-    shutil.copytree(folder, copy)
-    mlmodel = yaml.safe_load((copy / "MLmodel").read_text())
-    mlmodel.pop("signature", None)
-    (copy / "MLmodel").write_text(yaml.safe_dump(mlmodel))
-    return str(copy)
+    with tempfile.TemporaryDirectory(prefix="mlserver-model-") as scratch:
+        copy = Path(scratch) / "model"
+        shutil.copytree(folder, copy)
+        mlmodel = yaml.safe_load((copy / "MLmodel").read_text())
+        mlmodel.pop("signature", None)
+        (copy / "MLmodel").write_text(yaml.safe_dump(mlmodel))
+        yield str(copy)
 
 
 def _champion_run(model: str) -> str:
@@ -145,7 +147,6 @@ def serving_ratio(run: str = "", model: str = "models:/cifar10@champion", tta: s
     import mlflow
 
     from registry.promote import log_serving_model
-    from registry.serve import serving
 
     client = mlflow.MlflowClient()
     run = run or _champion_run(model)
@@ -158,28 +159,26 @@ def serving_ratio(run: str = "", model: str = "models:/cifar10@champion", tta: s
         del pyfunc
         bodies = payloads(shape)
         with serving(uri) as url:
-            for form in ("png", "pixels"):
-                load(f"{url}/invocations", bodies[form], clients, min(5.0, seconds))  # warm-up
-                single = load(f"{url}/invocations", bodies[form], 1, seconds / 2)
-                many = load(f"{url}/invocations", bodies[form], clients, seconds)
-                rows.append(_row(served["tta"], "mlflow models serve", form, single, many, local))
+            rows += _measure(url, "mlflow models serve", bodies, clients, seconds, served["tta"], local)
         if mlserver_python:
-            copy = mlserver_copy(mlflow.artifacts.download_artifacts(uri))
-            with mlserver(mlserver_python, copy) as url:
-                for form in ("png", "pixels"):
-                    load(f"{url}/invocations", bodies[form], clients, min(5.0, seconds))
-                    single = load(f"{url}/invocations", bodies[form], 1, seconds / 2)
-                    many = load(f"{url}/invocations", bodies[form], clients, seconds)
-                    rows.append(_row(served["tta"], "MLServer 1.7.1, /invocations", form, single, many, local))
-            shutil.rmtree(Path(copy).parent, ignore_errors=True)
+            with mlserver_copy(mlflow.artifacts.download_artifacts(uri)) as copy:
+                with mlserver(mlserver_python, copy) as url:
+                    rows += _measure(url, "MLServer 1.7.1, /invocations", bodies, clients, seconds, served["tta"],
+                                     local)
     return rows
 
 
-def _row(tta: str, engine: str, form: str, single: dict, many: dict, local: dict) -> dict:
-    row = {"tta": tta, "engine": engine, "input": form,
-            "served_b1_p50_ms": single["p50_ms"], "served_c8_p50_ms": many["p50_ms"],
-            "served_c8_images_per_s": many["images_per_s"],
-            "in_process_b8_images_per_s": local["images_per_s"], "in_process_b1_p50_ms": local["p50_ms"],
-            "ratio": many["images_per_s"] / local["images_per_s"]}
-    print(row, flush=True)
-    return row
+def _measure(url: str, engine: str, bodies: dict, clients: int, seconds: float, tta: str, local: dict) -> list[dict]:
+    """Per input form: a warm-up, then batch-1 requests from 1 client and from `clients`, against `local`."""
+    rows = []
+    for form in ("png", "pixels"):
+        load(f"{url}/invocations", bodies[form], clients, min(5.0, seconds))  # warm-up
+        single = load(f"{url}/invocations", bodies[form], 1, seconds / 2)
+        many = load(f"{url}/invocations", bodies[form], clients, seconds)
+        rows.append({"tta": tta, "engine": engine, "input": form,
+                     "served_b1_p50_ms": single["p50_ms"], "served_c8_p50_ms": many["p50_ms"],
+                     "served_c8_images_per_s": many["images_per_s"],
+                     "in_process_b8_images_per_s": local["images_per_s"], "in_process_b1_p50_ms": local["p50_ms"],
+                     "ratio": many["images_per_s"] / local["images_per_s"]})
+        print(rows[-1], flush=True)
+    return rows

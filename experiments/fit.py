@@ -157,9 +157,9 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
     and weight average.
     """
     (train_split, _), (validation_split, _) = splits
-    if not compiled:
-        compile_model(model, config.training_recipe(), config, len(train_split), initial_epoch)
     recipe = config.training_recipe()
+    if not compiled:
+        compile_model(model, recipe, config, len(train_split), initial_epoch)
     train_batches = make_batches(train_split, config.batch_size, data.num_classes, shuffle_seed=config.seed,
                                  cutmix=recipe.cutmix)
     if recipe.lookahead_images:
