@@ -140,3 +140,28 @@ def plot_misclassified(images: np.ndarray, labels, predictions, confidences, cla
     ax.set_title("Most confident mistakes" if len(wrong) else "no misclassified test images")
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95)
     return fig
+
+
+def plot_reliability(bins: dict, uncalibrated: dict | None = None, temperature: float | None = None):
+    """The reliability diagram: accuracy against confidence per bin (a calibrated model sits on the
+    diagonal), and how many images fall in each bin; `uncalibrated`: the same bins before temperature
+    scaling, as a line."""
+    count = bins["count"]
+    edges = np.linspace(0, 1, len(count) + 1)
+    centres, width = (edges[:-1] + edges[1:]) / 2, edges[1] - edges[0]
+    fig, (top, bottom) = plt.subplots(2, 1, figsize=(5, 6), height_ratios=(3, 1), sharex=True)
+    top.plot([0, 1], [0, 1], color="grey", linestyle="--", label="calibrated")
+    top.bar(centres, np.nan_to_num(bins["accuracy"]), width=width * 0.9, color="tab:blue", alpha=0.8,
+            label="accuracy" if temperature is None else f"accuracy, temperature {temperature:.2f}")
+    if uncalibrated is not None:
+        top.plot(centres, uncalibrated["accuracy"], marker="o", color="tab:red", label="before temperature scaling")
+    top.set_ylabel("accuracy")
+    top.set_ylim(0, 1)
+    top.legend(loc="upper left", fontsize=8)
+    top.set_title("Reliability (test split)")
+    bottom.bar(centres, count, width=width * 0.9, color="tab:gray")
+    bottom.set_xlabel("confidence (top probability)")
+    bottom.set_ylabel("images")
+    bottom.set_xlim(0, 1)
+    fig.tight_layout()
+    return fig

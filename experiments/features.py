@@ -8,13 +8,18 @@ from pathlib import Path
 import numpy as np
 
 from experiments.cache import atomic_path, cache_dir, file_key
+from experiments.calibration import Served
 from experiments.datasets import ImageData, Split
 from experiments.fit import RecordLearningRate, compile_model, image_batches, progress_verbosity
 from experiments.models import DataSpec, vgg16_features, vgg16_head_layers
 
 
+# The head fits on every training image's cached features (its one-pass recipe): none is left to calibrate on.
+NOT_CALIBRATED = "not calibrated: the VGG16 head trains on the cached features of every training image"
+
+
 def fit_vgg16_head(config, data: ImageData, spec: DataSpec, callbacks: list, policy: str = "float32"):
-    """The tutorial's recipe: (model, history, test probabilities), the head trained on cached features.
+    """The tutorial's recipe: (model, history, test predictions), the head trained on cached features.
     The frozen VGG16 runs under the dtype `policy` (its features are kept per policy); the head in float32."""
     import keras
 
@@ -43,7 +48,7 @@ def fit_vgg16_head(config, data: ImageData, spec: DataSpec, callbacks: list, pol
     # The head sees exactly the cached features, so predicting on them equals the full model's output.
     probabilities = head.predict(test_features, batch_size=config.batch_size, verbose=0)
     model = keras.Model(extractor.input, head(extractor.output), name="vgg16_head")
-    return model, history.history, probabilities
+    return model, history.history, Served(probabilities, note=NOT_CALIBRATED)
 
 
 def weights_key(config) -> str:

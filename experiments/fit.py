@@ -156,7 +156,7 @@ def fit(model, config, data: ImageData, splits: tuple, callbacks: list, initial_
     A model from a checkpoint is `compiled` already: it carries its optimizer, LR schedule position
     and weight average.
     """
-    (train_split, _), (validation_split, _) = splits
+    (train_split, _), (validation_split, _) = splits[:2]  # a third, the calibration split, is not for fitting
     recipe = config.training_recipe()
     if not compiled:
         compile_model(model, recipe, config, len(train_split), initial_epoch)

@@ -37,7 +37,10 @@ def recorded_config(run):
     else:
         flat = {**run.data.params, **logged, "dataset": run.data.tags[DATASET_TAG], "arch": run.data.tags[ARCH_TAG]}
         config = TrainConfig(**_typed_fields(TrainConfig(flat["dataset"], flat["arch"]), flat))
-    return dataclasses.replace(config, **_recorded_precision(config, run.data.params, logged.get("train_config", {})))
+    # Before calibration (issue 20) a run trained on its whole training split.
+    uncalibrated = "calibration_fraction" not in {**logged.get("train_config", logged), **run.data.params}
+    return dataclasses.replace(config, **_recorded_precision(config, run.data.params, logged.get("train_config", {})),
+                               **({"calibration_fraction": 0.0} if uncalibrated else {}))
 
 
 # Before `precision` was a run parameter (issue 19), these architectures always trained in mixed bfloat16.

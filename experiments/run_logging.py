@@ -15,7 +15,7 @@ from mlflow.keras import MlflowCallback
 
 # Before any run starts, not when it ends: importing MLflow's evaluation modules while the run's system
 # metrics thread logs can deadlock in MLflow's import hooks (a training hung in CI, MLflow 3.17.2).
-from experiments import evaluate, scoring
+from experiments import evaluate, predictions, scoring
 from experiments.datasets import ImageData, take_images, takes_image_size
 from experiments.models import Recipe, get_model_entry
 from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, TRIAL_ID_TAG, git_state
@@ -79,6 +79,7 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precis
         **({"precision_chosen": precision.precision} if precision else {}),
         "num_train": len(data.train),
         "num_test": len(data.test),
+        **{"num_calibration": len(split) for split, context in splits if context == "calibration"},
     }
     mlflow.log_params({k: v for k, v in params.items() if k not in logged})
     # train_config: the TrainConfig exactly as given, from which `experiments.reproduce` reruns the run.
@@ -123,6 +124,8 @@ def applicable_params(config, data: ImageData) -> dict:
     del params["options"], params["recipe"]  # logged field by field
     if not config.validation_fraction:
         del params["validation_fraction"]
+    if config.validation_fraction or get_model_entry(config.arch).recipe.features == "vgg16":
+        del params["calibration_fraction"]  # calibrated on the validation holdout, or not at all
     if not takes_image_size(config.dataset):  # MNIST/CIFAR keep their native size
         del params["image_size"]
     if get_model_entry(config.arch).recipe.features != "vgg16":
@@ -184,44 +187,58 @@ class EpochLogger(MlflowCallback):
         pass
 
 
-def log_evaluation(data: ImageData, probabilities: np.ndarray, history: dict, accuracy: float, loss: float,
-                   model_id: str) -> None:
+def log_evaluation(data: ImageData, served, history: dict, accuracy: float, loss: float, model_id: str) -> None:
     """Test figures, all on the logged model `model_id` and the test split's dataset (so the Models tab
     shows them): MLflow's standard classifier evaluation (evaluate.standard_evaluation: test_accuracy_score,
     macro test_precision_score / test_recall_score / test_f1_score, its confusion matrix and per-class
     CSV), and ours beside it (scoring.py): test_accuracy, test_loss and the same figure as
-    test_log_loss, test_macro_f1, test_top5_accuracy (20+ classes), test_precision|recall|f1/<class>.
-    A figure that is undefined is left out, never NaN; the `evaluation_note` tag says which and why.
-    Also the per-class table, the confusion matrix as JSON, and the plots."""
+    test_log_loss, test_macro_f1, test_top5_accuracy (20+ classes), test_precision|recall|f1/<class>,
+    the accuracy's bootstrap interval (test_accuracy_ci_low/high) and test_ece. A figure that is undefined
+    is left out, never NaN; the `evaluation_note` tag says which and why. `served`, the test predictions
+    (calibration.Served): calibrated, also `temperature` and `test_ece_uncalibrated`; else the
+    `calibration_note` tag says why not. Also the per-image predictions (experiments/predictions.py), the
+    per-class table, the confusion matrix as JSON, and the plots."""
     import matplotlib.pyplot as plt
     import mlflow
 
-    labels = data.test.labels
-    predictions = probabilities.argmax(axis=1)
+    labels, probabilities = data.test.labels, served.probabilities
+    predicted = probabilities.argmax(axis=1)
     dataset = split_dataset(data, data.test, "testing")
-    matrix = scoring.confusion_matrix(labels, predictions, data.num_classes)
+    matrix = scoring.confusion_matrix(labels, predicted, data.num_classes)
     ours = scoring.evaluation_figures(matrix, labels, probabilities, data.class_names,
                                       {"test_accuracy": accuracy, "test_loss": loss})
     mlflow.log_metrics(ours.metrics, model_id=model_id, dataset=dataset)
+    uncalibrated = None
+    if served.uncalibrated is not None:
+        uncalibrated = scoring.calibration_bins(labels, served.uncalibrated)
+        mlflow.log_metric("test_ece_uncalibrated", scoring.expected_calibration_error(labels, served.uncalibrated),
+                          model_id=model_id, dataset=dataset)
+        mlflow.log_metric("temperature", served.temperature, model_id=model_id)  # fitted on the holdout
+    else:
+        mlflow.set_tag("calibration_note", served.note)
     if ours.notes:
         mlflow.set_tag(scoring.NOTE_TAG, "; ".join(ours.notes))
+    predictions.log(labels, probabilities, data.test.digest)
     mlflow.log_table(ours.per_class, "evaluation/per_class_accuracy.json")
     mlflow.log_dict({"class_names": data.class_names, "matrix": matrix.tolist()}, "evaluation/confusion_matrix.json")
-    wrong = np.flatnonzero(predictions != labels)
-    shown = wrong[np.argsort(-probabilities[wrong, predictions[wrong]])][:25]
+    wrong = np.flatnonzero(predicted != labels)
+    shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:25]
     images = take_images(data.test, shown)
     figures = {
         "plots/confusion_matrix.png": evaluate.plot_confusion_matrix(matrix, data.class_names),
         "plots/learning_curves.png": evaluate.plot_learning_curves(history),
         "plots/misclassified.png": evaluate.plot_misclassified(
-            images, labels[shown], predictions[shown], probabilities[shown, predictions[shown]], data.class_names
+            images, labels[shown], predicted[shown], probabilities[shown, predicted[shown]], data.class_names
         ),
+        "plots/reliability_diagram.png": evaluate.plot_reliability(
+            scoring.calibration_bins(labels, probabilities), uncalibrated,
+            served.temperature if uncalibrated is not None else None),
     }
     for path, figure in figures.items():
         mlflow.log_figure(figure, path)
         plt.close(figure)
     # MLflow's last: should it fail (and the run with it), the model and all of ours are logged already.
-    standard = evaluate.standard_evaluation(labels, predictions, data.class_names, dataset)
+    standard = evaluate.standard_evaluation(labels, predicted, data.class_names, dataset)
     client, run_id = mlflow.MlflowClient(), mlflow.active_run().info.run_id
     link_metrics(client, run_id, model_id, [client.get_metric_history(run_id, name)[-1] for name in standard],
                  dataset)

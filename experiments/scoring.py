@@ -104,13 +104,17 @@ def evaluation_figures(matrix: np.ndarray, labels: np.ndarray, probabilities: np
 
     - `test_log_loss` (= test_loss: both are the plain cross-entropy of the probabilities);
     - `test_macro_f1` (the mean per-class F1);
+    - `test_accuracy_ci_low` and `test_accuracy_ci_high`, the 95% bootstrap interval of the accuracy;
+    - `test_ece`, the expected calibration error in 15 equal-width confidence bins;
     - `test_top5_accuracy` with 20 or more classes;
     - `test_precision/<class>`, `test_recall/<class>` and `test_f1/<class>`, each only where defined.
     """
     scores = class_scores(matrix)
     keys = metric_names(class_names)
+    low, high = bootstrap_interval(probabilities.argmax(axis=1) == labels)
     metrics = {**(given or {}), "test_log_loss": log_loss(labels, probabilities),
-               "test_macro_f1": macro_f1(scores["f1"])}
+               "test_macro_f1": macro_f1(scores["f1"]), "test_accuracy_ci_low": low, "test_accuracy_ci_high": high,
+               "test_ece": expected_calibration_error(labels, probabilities)}
     if len(class_names) >= TOP5_MIN_CLASSES:
         metrics["test_top5_accuracy"] = top_k_accuracy(labels, probabilities, 5)
     for figure in ("precision", "recall", "f1"):
@@ -159,3 +163,45 @@ def per_class_table(scores: dict[str, np.ndarray], class_names: list[str]) -> di
         "predicted": scores["predicted"].tolist(),
         "note": notes,
     }
+
+
+# --- Uncertainty and calibration -------------------------------------------------------------------
+
+BOOTSTRAP_RESAMPLES = 1000
+CALIBRATION_BINS = 15
+
+
+def bootstrap_interval(correct: np.ndarray, resamples: int = BOOTSTRAP_RESAMPLES, seed: int = 0,
+                       level: float = 0.95) -> tuple[float, float]:
+    """The percentile bootstrap interval of the accuracy: `resamples` draws of the test images with
+    replacement, seeded, so a run's interval is the same every time it is computed."""
+    correct = np.asarray(correct, np.float32)
+    rng = np.random.default_rng(seed)
+    means = np.empty(resamples)
+    per_chunk = max(1, 2_000_000 // max(len(correct), 1))  # index arrays of at most 16 MB at a time
+    for start in range(0, resamples, per_chunk):
+        count = min(per_chunk, resamples - start)
+        means[start : start + count] = correct[rng.integers(0, len(correct), (count, len(correct)))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
+
+
+def calibration_bins(labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> dict:
+    """Per equal-width confidence bin ((0, 1/bins], ...): its image count, mean confidence and accuracy
+    (NaN in an empty bin). The confidence is the top probability; an image is right when its top class is."""
+    confidence = probabilities.max(axis=1).astype(np.float64)
+    correct = (probabilities.argmax(axis=1) == labels).astype(np.float64)
+    which = np.clip(np.ceil(np.nan_to_num(confidence) * bins).astype(int) - 1, 0, bins - 1)  # NaN: bin 1
+    count = np.bincount(which, minlength=bins)
+    return {"count": count, "confidence": ratio(np.bincount(which, confidence, bins), count),
+            "accuracy": ratio(np.bincount(which, correct, bins), count)}
+
+
+def expected_calibration_error(labels: np.ndarray, probabilities: np.ndarray, bins: int = CALIBRATION_BINS) -> float:
+    """ECE: the mean over images of |accuracy - confidence| of their bin, in equal-width bins."""
+    if not np.all(np.isfinite(probabilities)):
+        return float("nan")  # a diverged model: left out, with the note that says why
+    table = calibration_bins(labels, probabilities, bins)
+    filled = table["count"] > 0
+    gaps = np.abs(table["accuracy"][filled] - table["confidence"][filled])
+    return float(np.sum(gaps * table["count"][filled]) / max(len(labels), 1))

@@ -11,7 +11,6 @@ import argparse
 import contextlib
 import dataclasses
 import inspect
-import os
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -19,7 +18,7 @@ from typing import TYPE_CHECKING
 from experiments import checkpoints, precision
 from experiments.cache import check_cache_writable
 from experiments.cli import add_config_flags, architecture_names, boolean, run_main
-from experiments.datasets import ImageData, check_dataset_args, default_arch, fit_splits, list_datasets, load_dataset
+from experiments.datasets import ImageData, check_dataset_args, default_arch, fit_splits, list_datasets, load_data
 from experiments.errors import UserError
 from experiments.tracking import check_tracking_server, launched_run_id, open_run, system_metrics_enabled
 
@@ -44,6 +43,9 @@ class TrainConfig:
     # > 0: validate on this held-out share of the training split, so the test split stays unseen
     # (tuner trials); 0: validate on the test split, as the tutorial does.
     validation_fraction: float = 0.0
+    # Without a validation holdout: this seeded share of the training split is kept out of training to fit
+    # the temperature of the softmax on (experiments/calibration.py); 0: no calibration.
+    calibration_fraction: float = 0.05
     options: dict = dataclasses.field(default_factory=dict)  # the architecture builder's keyword arguments
     recipe: dict = dataclasses.field(default_factory=dict)  # changes to the architecture's training recipe
     # float32, bfloat16 or float16 (mixed: 16-bit math, float32 weights); auto: float16 on a GPU, else the
@@ -67,8 +69,9 @@ class TrainConfig:
             raise UserError(f"seed must be 0 or a positive integer, got {self.seed}")
         if not self.learning_rate >= 0:
             raise UserError(f"learning_rate must be positive (or 0 for the architecture's own), got {self.learning_rate}")
-        if not 0.0 <= self.validation_fraction < 1.0:
-            raise UserError(f"validation_fraction must be in [0, 1), got {self.validation_fraction}")
+        for name in ("validation_fraction", "calibration_fraction"):
+            if not 0.0 <= getattr(self, name) < 1.0:
+                raise UserError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         self.training_recipe()  # unknown recipe options fail here
         try:  # unknown architecture options fail here, not after the run has started
             inspect.signature(get_model_entry(self.arch).build).bind(None, **self.options)
@@ -127,21 +130,22 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
     active = mlflow.active_run()
     checkpoint = checkpoints.find(config, active.info.run_id if active else launched_run_id(),
                                   resume) if checkpointed else None
-    splits = fit_splits(data, config.validation_fraction, config.seed)
+    # A VGG16 head fits on every training image's cached features: none held out to calibrate on.
+    splits = fit_splits(data, config.validation_fraction, config.seed, 0 if on_features else config.calibration_fraction)
     # Chosen before the run starts; a resumed run or a tuner's prebuilt model already has its precision.
     choice = None if checkpoint or model is not None else precision.for_training(config, data.spec)
     with open_run(config.dataset, checkpoint and checkpoint.run_id) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
         if track:
             callbacks = start_tracking(config, data, splits, callbacks, checkpoint, checkpointed, choice)
-        model, history, probabilities = fit_and_predict(config, data, splits, model, callbacks,
-                                                        initial_epoch, checkpoint, evaluate, choice)
+        model, history, served = fit_and_predict(config, data, splits, model, callbacks, initial_epoch,
+                                                 checkpoint, evaluate, choice)
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
-        accuracy, loss = fit.score_predictions(data.test.labels, probabilities)
+        accuracy, loss = fit.score_predictions(data.test.labels, served.probabilities)
         if track:  # the model first: the test figures are logged on it
             model_id = run_logging.log_model(model, data, history)
-            run_logging.log_evaluation(data, probabilities, history, accuracy, loss, model_id)
+            run_logging.log_evaluation(data, served, history, accuracy, loss, model_id)
             run_logging.log_view_figures(model, config, data, model_id)
         if checkpointed:
             checkpoints.remove(run_id)
@@ -173,12 +177,13 @@ def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callback
 
 def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, callbacks: list,
                     initial_epoch: int, checkpoint, evaluate: bool, choice) -> tuple:
-    """(model, history, test probabilities or None): build or resume the model, fit it, predict the test split."""
+    """(model, history, its test predictions as calibration.Served or None): build or resume the model, fit
+    it, calibrate it and predict the test split."""
     import keras
 
-    from experiments import fit
+    from experiments import calibration, fit
     from experiments.features import fit_vgg16_head
-    from experiments.models import create_model, get_model_entry, inference_model
+    from experiments.models import create_model, get_model_entry
 
     # Seeded here, after MLflow has drawn its random run name from Python's `random`, which
     # Keras also seeds from: so tracking on or off gives the same weights.
@@ -203,23 +208,8 @@ def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, 
         history = {k: v[: checkpoint.epoch] + history.get(k, []) for k, v in checkpoint.history.items()}
     if not evaluate:
         return model, history, None
-    model = inference_model(model, config.training_recipe(), spec)
-    return model, history, model.predict(fit.image_batches(data.test, config.batch_size), verbose=0)
-
-
-_LOADED: dict = {}
-
-
-def load_data(config: TrainConfig) -> ImageData:
-    """The dataset, loaded once per process: tuner trials share it."""
-    key = (config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction,
-           os.environ.get("CNN_DATA_DIR"))
-    if key not in _LOADED:
-        _LOADED.clear()  # one dataset at a time: they can be large
-        _LOADED[key] = load_dataset(
-            config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction
-        )
-    return _LOADED[key]
+    model, served = calibration.served_model(model, config, data, splits)
+    return model, history, served
 
 
 def parse_args(argv=None) -> tuple[TrainConfig, bool]:

@@ -1,7 +1,7 @@
 """Promote the best finished run of a dataset to the MLflow model registry, behind the alias `champion`.
 
     python -m registry.promote --dataset cifar10 [--metric test_accuracy] [--dry-run true] [--experiment NAME]
-                               [--tta as_trained|none|flip|full]
+                               [--tta as_trained|none|flip|full] [--alpha 0.05] [--min-gain 0] [--max-class-drop 5]
     python -m registry.promote --rollback cifar10        # champion back to the previous champion
 
 Candidates are the dataset's finished training runs and the tuning searches' `best=true` runs that
@@ -10,9 +10,13 @@ logged the metric and a model. Only runs scored on the same test split are compa
 scratch register as `<dataset>`, the VGG16 transfer model as `<dataset>-vgg16`.
 
 The best run not yet registered becomes a new version (its Keras model wrapped in
-registry/classifier.py, the pyfunc that serves raw pixels or encoded images). It takes `champion`
-only if it beats the current champion on the metric; otherwise it gets `challenger`. Promoting again
-with no new runs changes nothing. A rolled-back version is tagged `rolled_back=true`; its run, like
+registry/classifier.py, the pyfunc that serves raw pixels or encoded images). With no champion yet it
+becomes champion. Otherwise it takes `champion` only if it passes the gate (registry/gate.py): on the
+two runs' per-image test predictions, an exact McNemar p below `--alpha` (0.05), an accuracy gain of at
+least `--min-gain` points (0), and no class losing more than `--max-class-drop` points of recall (5).
+Otherwise it gets `challenger`. The version's `gate_*` tags hold the figures, the decision and its
+reason; `--dry-run` prints the same. Runs without usable predictions (older runs) are compared by the
+metric alone, and the reason says so. Promoting again with no new runs changes nothing. A rolled-back version is tagged `rolled_back=true`; its run, like
 every registered run, is not considered again.
 
 `--tta` chooses the test-time views the registered model serves: `as_trained` (default: the recipe's),
@@ -33,6 +37,7 @@ from pathlib import Path
 
 from experiments.cli import boolean, run_main
 from experiments.errors import UserError
+from registry.gate import GateSettings, Verdict, judge
 from experiments.tracking import (ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, NOT_CANDIDATES, SEARCH_ROLE_TAG,
                                   check_tracking_server, connect, launched_run_id)
 
@@ -60,6 +65,7 @@ class Decision:
     run_id: str | None
     value: float | None
     message: str
+    gate: dict = dataclasses.field(default_factory=dict)  # the gate's tags (empty when nothing was judged)
 
     def __post_init__(self):
         self.version = None if self.version is None else str(self.version)  # MLflow returns int or str
@@ -77,12 +83,14 @@ def lower_is_better(metric: str) -> bool:
 
 
 def promote(dataset: str, metric: str = "test_accuracy", dry_run: bool = False, experiment: str = "",
-            data_digest: str = "", client=None, tta: str = AS_TRAINED) -> list[Decision]:
+            data_digest: str = "", client=None, tta: str = AS_TRAINED,
+            gate: GateSettings = GateSettings()) -> list[Decision]:
     """Promote the best candidate of each registered model of `dataset`; returns what was decided."""
     from experiments.models import TTA_LEVELS
 
     if tta != AS_TRAINED and tta not in TTA_LEVELS:
         raise UserError(f"unknown tta {tta!r}; choose one of: {AS_TRAINED}, {', '.join(TTA_LEVELS)}")
+    gate.check()
     client = client or _client()
     candidates = find_candidates(client, dataset, metric, experiment)
     if not candidates:
@@ -94,7 +102,7 @@ def promote(dataset: str, metric: str = "test_accuracy", dry_run: bool = False, 
     groups: dict[str, list[Candidate]] = {}
     for candidate in candidates:
         groups.setdefault(registered_name(dataset, candidate.arch), []).append(candidate)
-    return [_promote_group(client, name, group, metric, dry_run, data_digest, tta)
+    return [_promote_group(client, name, group, metric, dry_run, data_digest, tta, gate)
             for name, group in sorted(groups.items())]
 
 
@@ -124,7 +132,7 @@ def find_candidates(client, dataset: str, metric: str, experiment: str = "") -> 
 
 
 def _promote_group(client, name: str, candidates: list[Candidate], metric: str, dry_run: bool,
-                   data_digest: str, tta: str = "as_trained") -> Decision:
+                   data_digest: str, tta: str, gate: GateSettings) -> Decision:
     champion = _alias(client, name, CHAMPION)
     champion_value = None
     if champion is not None:
@@ -150,18 +158,23 @@ def _promote_group(client, name: str, candidates: list[Candidate], metric: str, 
     sign = 1 if lower_is_better(metric) else -1
     best = min(fresh, key=lambda c: (sign * c.value, c.start_time))
     beats = champion is None or sign * best.value < sign * champion_value
-    alias = CHAMPION if beats else CHALLENGER
+    verdict = (Verdict(True, "no champion yet: the best candidate becomes champion") if champion is None
+               else judge(best.run_id, champion.run_id, metric, beats, digest, gate))
+    alias = CHAMPION if verdict.passed else CHALLENGER
+    gate_tags = verdict.tags(alias)
     summary = f"run {best.run_id} ({best.arch}, {metric}={best.value:.4f})"
     if dry_run:
         return _report(Decision(name, f"would be {alias}", None, best.run_id, best.value,
-                                f"{name}: dry run: {summary} would be registered as {alias}; {versus}{note}"))
-    version = _register(client, name, best, metric, tta)
+                                f"{name}: dry run: {summary} would be registered as {alias}; {versus}{note}; "
+                                f"gate {verdict.reason}", gate_tags))
+    version = _register(client, name, best, metric, tta, gate_tags)
     client.set_registered_model_alias(name, alias, version.version)
-    if beats:
+    if verdict.passed:
         history = _champion_history(client, name) + [str(version.version)]
         client.set_registered_model_tag(name, "champion_history", json.dumps(history))
     return _report(Decision(name, alias, version.version, best.run_id, best.value,
-                            f"{name}: version {version.version} = {summary} is now {alias}; {versus}{note}"))
+                            f"{name}: version {version.version} = {summary} is now {alias}; {versus}{note}; "
+                            f"gate {verdict.reason}", gate_tags))
 
 
 def rollback(name: str, dry_run: bool = False, client=None) -> Decision:
@@ -215,7 +228,7 @@ def _champion_history(client, name: str) -> list[str]:
     return json.loads(client.get_registered_model(name).tags.get("champion_history", "[]"))
 
 
-def _register(client, name: str, best: Candidate, metric: str, tta: str = "as_trained"):
+def _register(client, name: str, best: Candidate, metric: str, tta: str, gate_tags: dict):
     import mlflow
 
     uri, served = log_serving_model(client, best.run_id, tta)
@@ -231,6 +244,7 @@ def _register(client, name: str, best: Candidate, metric: str, tta: str = "as_tr
         "git_commit": best.git_commit,
         "source_run": best.run_id,
         metric: str(best.value),
+        **gate_tags,
     }
     if not client.search_registered_models(f"name = '{name}'"):
         client.create_registered_model(name, description=(
@@ -341,6 +355,10 @@ def main(argv=None) -> int:
     parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
     parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")
     parser.add_argument("--tta", default=AS_TRAINED, help="test-time views served: as_trained, none, flip or full")
+    parser.add_argument("--alpha", type=float, default=0.05, help="McNemar p-value a new champion must be below")
+    parser.add_argument("--min-gain", type=float, default=0.0, help="accuracy points a new champion must gain")
+    parser.add_argument("--max-class-drop", type=float, default=5.0,
+                        help="points of recall any one class may lose to a new champion")
     args = parser.parse_args(argv)
 
     def body():
@@ -348,7 +366,7 @@ def main(argv=None) -> int:
             decisions = [rollback(args.rollback, args.dry_run)]
         elif args.dataset:
             decisions = promote(args.dataset, args.metric, args.dry_run, args.experiment, args.data_digest,
-                                tta=args.tta)
+                                tta=args.tta, gate=GateSettings(args.alpha, args.min_gain, args.max_class_drop))
         else:
             raise UserError("give --dataset NAME to promote, or --rollback NAME")
         if launched_run_id():  # under `mlflow run`: the launcher's run records the decisions

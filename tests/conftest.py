@@ -256,6 +256,31 @@ def trained(data_dir, accuracy=None, arch="cnn_simple", **options) -> str:
     from experiments.train import train
 
     result = train(dataset="cifar10", arch=arch, epochs=1, batch_size=16, data_dir=str(data_dir), **options)
-    if accuracy is not None:
+    if accuracy is not None:  # the first `accuracy` of the test images right: rankings agree image by image
+        labels = np.load(mlflow.artifacts.download_artifacts(run_id=result.run_id,
+                                                             artifact_path="evaluation/predictions.npz"))["labels"]
+        correct = np.arange(len(labels)) < round(accuracy * len(labels))
+        with_predictions(result.run_id, labels, correct, int(labels.max()) + 1)
         mlflow.MlflowClient().log_metric(result.run_id, "test_accuracy", accuracy, step=1)  # the latest value
     return result.run_id
+
+
+def with_predictions(run_id: str, labels: np.ndarray, correct: np.ndarray, num_classes: int) -> str:
+    """Replace a run's per-image predictions (on its own test digest) by constructed ones, right where
+    `correct`; its test_accuracy becomes their accuracy."""
+    import tempfile
+
+    import mlflow
+
+    from experiments import predictions
+
+    client = mlflow.MlflowClient()
+    predicted = np.where(correct, labels, (labels + 1) % num_classes)
+    probabilities = np.full((len(labels), num_classes), 0.1 / (num_classes - 1), np.float32)
+    probabilities[np.arange(len(labels)), predicted] = 0.9
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "predictions.npz"
+        predictions.save(path, labels, probabilities, client.get_run(run_id).data.tags["data_digest"])
+        client.log_artifact(run_id, str(path), "evaluation")
+    client.log_metric(run_id, "test_accuracy", float(correct.mean()), step=1)
+    return run_id

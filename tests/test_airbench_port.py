@@ -100,5 +100,8 @@ def test_test_time_views_can_average_logits():
     np.testing.assert_allclose(served, keras.ops.convert_to_numpy(keras.ops.softmax(average)), atol=1e-5)
     by_probabilities = inference_model(model, Recipe(test_time_flip=True), SPEC).predict(images, verbose=0)
     assert not np.allclose(served, by_probabilities, atol=1e-6)  # a different average
+    inference_model(create_model("cnn_simple", SPEC), recipe, SPEC)  # every architecture ends on one now
+    inputs = keras.Input((32, 32, 3), dtype="uint8")
+    fused = keras.layers.Dense(10, activation="softmax", name="probabilities")(keras.layers.Flatten()(inputs))
     with pytest.raises(UserError, match="test_time_logits needs a model ending on a softmax Activation"):
-        inference_model(create_model("cnn_simple", SPEC), recipe, SPEC)
+        inference_model(keras.Model(inputs, fused), recipe, SPEC)

@@ -16,7 +16,8 @@ from experiments.datasets import default_arch
 
 ENTRY_POINTS = ["mnist", "fashion_mnist", "cifar10", "cifar100", "imagenette", "imagewoof", "caltech101", "folder"]
 TUNE_ENTRY_POINTS = ["tune_cifar10", "tune_imagenette"]
-REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment", "tta"}, "rollback": {"model_name"}}
+REGISTRY_ENTRY_POINTS = {"promote": {"dataset", "metric", "dry_run", "experiment", "tta", "alpha", "min_gain", "max_class_drop"},
+                        "rollback": {"model_name"}}
 OTHER_ENTRY_POINTS = {"reproduce": {"run_id"}, "report": {"output_dir"},
                       "main": {"data_dir", "epochs", "limit", "trials", "seed", "datasets", "vgg16_weights",
                                "output_dir", "precision"}}

@@ -71,3 +71,14 @@ def test_an_unreachable_store_is_one_line(capsys, monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     (line,) = errors(["0123456789abcdef0123456789abcdef"], capsys)
     assert line.startswith(f"error: tracking server {uri} is unreachable")
+
+
+def test_a_run_from_before_calibration_is_reproduced_without_a_calibration_holdout():
+    from experiments.reproduce import recorded_config
+
+    for train_config, expected in (({"dataset": "mnist", "arch": "mlp"}, 0.0),
+                                   ({"dataset": "mnist", "arch": "mlp", "calibration_fraction": 0.1}, 0.1)):
+        with mlflow.start_run() as run:
+            mlflow.set_tags({"dataset": "mnist", "arch": "mlp"})
+            mlflow.log_dict({"train_config": train_config}, "config.json")
+        assert recorded_config(mlflow.get_run(run.info.run_id)).calibration_fraction == expected

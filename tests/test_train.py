@@ -43,8 +43,10 @@ def test_train_logs_everything_a_run_needs(tiny_npz_dir):
     assert params["num_train"] == "60" and params["num_test"] == "20"
     assert "image_size" not in params and "weights" not in params  # options that did not apply
 
+    # 5% of the training split, at least one image per class (three here), is kept out to calibrate on.
+    assert params["calibration_fraction"] == "0.05" and params["num_calibration"] == "3"
     inputs = {i.dataset.name: i.dataset for i in run.inputs.dataset_inputs}
-    assert set(inputs) == {"mnist-training", "mnist-testing"}
+    assert set(inputs) == {"mnist-training", "mnist-testing", "mnist-calibration"}
     assert inputs["mnist-testing"].digest == tags["data_digest"]
 
     # Standard evaluation: MLflow's figures and ours. The tiny test split holds classes 0-2 of MNIST's ten:
@@ -53,16 +55,25 @@ def test_train_logs_everything_a_run_needs(tiny_npz_dir):
     assert metrics["test_accuracy_score"] == pytest.approx(result.test_accuracy)  # mlflow.models.evaluate's
     assert {"test_precision_score", "test_recall_score", "test_f1_score", "test_macro_f1"} <= set(metrics)
     assert metrics["test_log_loss"] == metrics["test_loss"]
-    assert {"test_precision/0", "test_recall/0", "test_f1/0", "test_recall/2"} <= set(metrics)
+    assert {"test_recall/0", "test_f1/0", "test_recall/2"} <= set(metrics)
+    predicted = set(np.load(mlflow.artifacts.download_artifacts(run_id=result.run_id,
+                                                                 artifact_path="evaluation/predictions.npz"))["predicted"])
+    assert {name for name in metrics if name.startswith("test_precision/")} == {f"test_precision/{c}" for c in predicted}
     assert not any(name.startswith("test_recall/") and int(name[-1]) > 2 for name in metrics)
     assert "test_top5_accuracy" not in metrics  # 10 classes
     assert all(np.isfinite(value) for value in metrics.values())
     assert "recall left out for 7 class(es) with no test images: 3, 4, 5, 6, 7, 8, 9" in tags["evaluation_note"]
 
+    # The accuracy's seeded 95% bootstrap interval, and calibration before and after temperature scaling.
+    assert metrics["test_accuracy_ci_low"] <= result.test_accuracy <= metrics["test_accuracy_ci_high"]
+    assert metrics["test_accuracy_ci_high"] - metrics["test_accuracy_ci_low"] > 0.1  # 20 test images
+    assert metrics["temperature"] > 0 and {"test_ece", "test_ece_uncalibrated"} <= set(metrics)
     assert {
         "plots/confusion_matrix.png",
         "plots/learning_curves.png",
         "plots/misclassified.png",
+        "plots/reliability_diagram.png",
+        "evaluation/predictions.npz",
         "evaluation/per_class_accuracy.json",
         "test_confusion_matrix.png",  # MLflow's
         "per_class_metrics.csv",
@@ -95,6 +106,7 @@ def test_per_class_accuracy_and_confusion_matrix_agree_with_test_accuracy(tiny_n
 def evaluated(tmp_path, class_names, labels, predictions, history: dict | None = None):
     """log_evaluation of a crafted case inside a run, as train() calls it: 8x8 images, probabilities
     whose argmax is `predictions` (0.7 on it, the rest spread evenly), a model id to log on."""
+    from experiments.calibration import Served
     from experiments.datasets import ImageData, array_split
     from experiments.fit import score_predictions
     from experiments.run_logging import log_evaluation
@@ -110,8 +122,8 @@ def evaluated(tmp_path, class_names, labels, predictions, history: dict | None =
     with mlflow.start_run() as run, warnings.catch_warnings(record=True) as caught:
         model_id = mlflow.create_external_model(name="model").model_id
         warnings.simplefilter("always")
-        log_evaluation(data, probabilities, history or {"loss": [1.0, 0.6], "accuracy": [0.3, 0.5]}, accuracy, loss,
-                       model_id)
+        log_evaluation(data, Served(probabilities, note="not calibrated: constructed"),
+                       history or {"loss": [1.0, 0.6], "accuracy": [0.3, 0.5]}, accuracy, loss, model_id)
     # No warning a user could not act on (scikit-learn's about undefined figures: the note says it).
     assert [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)] == []
     return mlflow.get_run(run.info.run_id), model_id, data
@@ -203,7 +215,7 @@ def test_evaluation_figures_leave_out_whatever_is_not_finite():
     assert all(np.isfinite(value) for value in figures.metrics.values())
     assert "test_loss" not in figures.metrics and "test_log_loss" not in figures.metrics
     assert figures.metrics["test_accuracy"] == 2 / 3
-    assert figures.notes == ["left out, not finite (are the probabilities finite?): test_log_loss, test_loss"]
+    assert figures.notes == ["left out, not finite (are the probabilities finite?): test_ece, test_log_loss, test_loss"]
     many = np.eye(TOP5_MIN_CLASSES - 1, dtype=np.float32)
     assert "test_top5_accuracy" not in evaluation_figures(np.eye(19, dtype=np.int64), np.arange(19), many,
                                                           [str(i) for i in range(19)]).metrics

@@ -210,6 +210,21 @@ def check_dataset_args(name, data_dir, image_size, limit, test_fraction) -> None
         raise UserError(f"CNN_DATA_DIR={from_env} does not exist; point it at a data folder or unset it to download")
 
 
+_LOADED: dict = {}
+
+
+def load_data(config) -> ImageData:
+    """The dataset of a TrainConfig, loaded once per process: tuner trials share it."""
+    key = (config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction,
+           os.environ.get("CNN_DATA_DIR"))
+    if key not in _LOADED:
+        _LOADED.clear()  # one dataset at a time: they can be large
+        _LOADED[key] = load_dataset(
+            config.dataset, config.data_dir, config.image_size, config.limit, config.seed, config.test_fraction
+        )
+    return _LOADED[key]
+
+
 # The parts come last: they build on the types above (importing them from this package), and importing
 # the catalog registers every dataset. Each name below is also this package's public interface.
 from experiments.datasets.arrays import array_split, from_arrays, from_npz  # noqa: E402
@@ -234,10 +249,11 @@ from experiments.datasets.catalog import (  # noqa: E402
 
 __all__ = [
     "Split", "ImageData", "Source", "DatasetEntry", "DATASETS", "register_dataset", "takes_image_size",
-    "list_datasets", "load_dataset", "check_dataset_args", "dataset_entry", "default_arch",
+    "list_datasets", "load_dataset", "load_data", "check_dataset_args", "dataset_entry", "default_arch",
     "array_split", "from_arrays", "from_npz",
     "IMAGE_SUFFIXES", "dataset_root", "find_local", "from_folder", "unpack",
     "holdout", "sample_images", "split_train_test", "stratified_indices", "take_images",
     "CIFAR10_CLASSES", "CIFAR100_CLASSES", "FASHION_MNIST_CLASSES", "IMAGENETTE_CLASSES", "IMAGEWOOF_CLASSES",
     "MNIST_CLASSES", "archive_download",
 ]
+

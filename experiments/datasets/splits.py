@@ -34,11 +34,16 @@ def split_train_test(labels: np.ndarray, test_fraction: float, seed: int) -> tup
     return np.flatnonzero(~is_test), np.flatnonzero(is_test)
 
 
-def fit_splits(data, validation_fraction: float, seed: int) -> tuple:
-    """((split, context), (split, context)): what a model fits on, and what it is validated on."""
+def fit_splits(data, validation_fraction: float, seed: int, calibration_fraction: float = 0.0) -> tuple:
+    """((split, context), (split, context)[, (split, "calibration")]): what a model fits on, what it is
+    validated on, and the images its temperature is fitted on (experiments/calibration.py) when that is
+    not the validation split."""
     if validation_fraction:  # a tuner trial: fits on part of train, scored on the rest; test unseen
         fit_split, validation_split = holdout(data.train, validation_fraction, seed)
         return (fit_split, "training"), (validation_split, "validation")
+    if calibration_fraction:  # the tutorial's way, less a seeded share kept out of training for calibration
+        fit_split, calibration = holdout(data.train, calibration_fraction, seed)
+        return (fit_split, "training"), (data.test, "testing"), (calibration, "calibration")
     return (data.train, "training"), (data.test, "testing")  # the tutorial's way
 
 

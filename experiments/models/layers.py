@@ -24,8 +24,10 @@ def pixels(data: DataSpec, alternating_flip: bool = False) -> tuple[keras.KerasT
 
 
 def classifier(x, data: DataSpec):
-    """The softmax head every architecture ends on, in float32 under any dtype policy."""
-    return layers.Dense(data.num_classes, activation="softmax", dtype="float32", name="probabilities")(x)
+    """The softmax head every architecture ends on, in float32 under any dtype policy: the logits, then a
+    softmax layer of their own, which temperature scaling and logit-averaged views build on."""
+    logits = layers.Dense(data.num_classes, dtype="float32", name="logits")(x)
+    return layers.Activation("softmax", dtype="float32", name="probabilities")(logits)
 
 
 def augmentation(data: DataSpec, translate: float = 0.125, random_flip: bool = True,
