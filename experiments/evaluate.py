@@ -165,3 +165,23 @@ def plot_reliability(bins: dict, uncalibrated: dict | None = None, temperature: 
     bottom.set_xlim(0, 1)
     fig.tight_layout()
     return fig
+
+
+def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, labels, predicted, class_names, wrong: int):
+    """Grad-CAM heatmaps over test images, in two rows of tiles: the first `wrong` misclassified, then
+    correct ones; each captioned with its true and predicted class."""
+    cols = 8
+    rows = max(1, int(np.ceil(len(images) / cols)))
+    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows), squeeze=False)
+    for k, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if k >= len(images):
+            continue
+        image = images[k]
+        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
+        ax.imshow(heatmaps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
+        mark = "wrong" if k < wrong else "right"
+        ax.set_title(f"{mark}: true {class_names[labels[k]]}\npred {class_names[predicted[k]]}", fontsize=7)
+    fig.suptitle("Grad-CAM of the predicted class (red: what the network looked at)", fontsize=9)
+    fig.tight_layout()
+    return fig

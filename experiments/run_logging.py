@@ -312,3 +312,32 @@ def log_view_figures(model, config, data: ImageData, model_id: str) -> None:
         figures[f"test_accuracy_tta_{level}"] = float(np.mean(probabilities.argmax(axis=1) == data.test.labels))
     if figures:
         mlflow.log_metrics(figures, model_id=model_id, dataset=split_dataset(data, data.test, "testing"))
+
+
+GRADCAM_IMAGES = 8  # misclassified, and as many correct, test images in plots/gradcam.png
+
+
+def log_gradcam(model, data: ImageData, probabilities: np.ndarray) -> None:
+    """plots/gradcam.png: Grad-CAM heatmaps over the most confident mistakes and evenly spread correct
+    test images (experiments/gradcam.py); a network without convolutions gets the tag `gradcam_note`."""
+    import matplotlib.pyplot as plt
+    import mlflow
+
+    from experiments import gradcam
+    from experiments.models import without_views
+
+    net = without_views(model)  # the heatmap of one view: the image as given
+    layer = gradcam.feature_layer(net)
+    if layer is None:
+        mlflow.set_tag("gradcam_note", f"no Grad-CAM: {model.name} has no convolutions")
+        return
+    labels, predicted = data.test.labels, probabilities.argmax(axis=1)
+    wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
+    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GRADCAM_IMAGES]
+    right = right[np.linspace(0, len(right) - 1, min(GRADCAM_IMAGES, len(right))).astype(int)] if len(right) else right
+    shown = np.concatenate([wrong, right]).astype(int)
+    images = take_images(data.test, shown)
+    heatmaps = gradcam.heatmaps(gradcam.explainer(net, layer), images, predicted[shown])
+    figure = evaluate.plot_gradcam(images, heatmaps, labels[shown], predicted[shown], data.class_names, len(wrong))
+    mlflow.log_figure(figure, "plots/gradcam.png")
+    plt.close(figure)

@@ -147,6 +147,7 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
             model_id = run_logging.log_model(model, data, history)
             run_logging.log_evaluation(data, served, history, accuracy, loss, model_id)
             run_logging.log_view_figures(model, config, data, model_id)
+            run_logging.log_gradcam(model, data, served.probabilities)
         if checkpointed:
             checkpoints.remove(run_id)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
