@@ -62,6 +62,7 @@ def probe(images: int, classes: int, accuracy: float, store: str) -> dict:
     import mlflow
 
     from experiments import evaluate, run_logging
+    from experiments.calibration import Served
     from experiments.fit import score_predictions
     from experiments.tracking import start_run
 
@@ -87,23 +88,27 @@ def probe(images: int, classes: int, accuracy: float, store: str) -> dict:
         with start_run():
             model_id = run_logging.log_model(tiny_model(classes), data, history)
             start = time.perf_counter()
-            run_logging.log_evaluation(data, probabilities, history, accuracy_, loss, model_id)
+            run_logging.log_evaluation(data, Served(probabilities, 1.0, probabilities), history, accuracy_, loss,
+                                       model_id)
             seconds.append(time.perf_counter() - start)
     return {"cold_s": seconds[0], "warm_s": seconds[1], "cold_evaluate_s": inside[0], "warm_evaluate_s": inside[1],
             "test_accuracy": accuracy_, "load_avg_1min": os.getloadavg()[0]}
 
 
-def in_fresh_process(settings: dict) -> dict:
-    with tempfile.TemporaryDirectory(prefix="evaluation-cost-") as store:
-        code = (f"import json; from benchmarks.evaluation import probe; "
-                f"print('RESULT', json.dumps(probe(**{dict(settings, store=store)!r})))")
+def in_fresh_process(settings: dict, probe: str = "benchmarks.evaluation:probe"):
+    """`probe` (module:function) called with `settings` and a temporary `store` folder in a fresh process,
+    as each training run is; returns its JSON result."""
+    module, function = probe.split(":")
+    with tempfile.TemporaryDirectory(prefix="probe-") as store:
+        code = (f"import json; from {module} import {function}; "
+                f"print('RESULT', json.dumps({function}(**{dict(settings, store=store)!r})))")
         # The probe's own store, not the benchmark run's (nor any run an outer `mlflow run` started).
         env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
         out = subprocess.run([sys.executable, "-c", code], cwd=PROJECT_ROOT, capture_output=True, text=True,
                              env={**env, "TF_CPP_MIN_LOG_LEVEL": "2"})
     lines = [line for line in out.stdout.splitlines() if line.startswith("RESULT ")]
     if out.returncode != 0 or not lines:
-        raise RuntimeError(f"evaluation probe with {settings} failed:\n{out.stderr[-3000:]}")
+        raise RuntimeError(f"{probe} with {settings} failed:\n{out.stderr[-3000:]}")
     return json.loads(lines[-1].removeprefix("RESULT "))
 
 

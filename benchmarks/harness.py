@@ -57,7 +57,7 @@ def load_all() -> None:
     """Import every benchmark module: they register themselves."""
     from benchmarks import (  # noqa: F401
         ablation, cpu, determinism, evaluation, overhead, pipeline, precision, recipes, runs, serving, serving_ratio,
-        speed,
+        speed, trust,
     )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import io
+import weakref
 
 import numpy as np
 
@@ -40,13 +41,26 @@ def feature_layer(net) -> str | None:
 
 
 def explainer(net, layer: str):
-    """A model from `net`'s images to (its feature map at `layer`, its class logits): the logits are the
-    input of its softmax layer `probabilities` when it has one, else its output."""
+    """A model from `net`'s images to (its feature map at `layer`, its class logits). The logits are the
+    input of the softmax layer `probabilities`, in `net` or in a head model nested in it (the VGG16
+    head's), else `net`'s output."""
     import keras
 
-    names = {layer.name for layer in net.layers}
-    logits = net.get_layer("probabilities").input if "probabilities" in names else net.output
-    return keras.Model(net.input, [net.get_layer(layer).output, logits], name="gradcam")
+    def called(model, tensors: str):
+        # A nested model's .input/.output are its own graph's; its call inside `net` is its first node.
+        return getattr(model._inbound_nodes[0], tensors)[0]
+
+    target = net.get_layer(layer)
+    features = called(target, "output_tensors") if isinstance(target, keras.Model) else target.output
+    heads = [sub for sub in net.layers if isinstance(sub, keras.Model) and "probabilities" in {x.name for x in sub.layers}]
+    if "probabilities" in {x.name for x in net.layers}:
+        logits = net.get_layer("probabilities").input
+    elif heads:
+        head = heads[-1]
+        logits = keras.Model(head.input, head.get_layer("probabilities").input)(called(head, "input_tensors"))
+    else:
+        logits = net.output
+    return keras.Model(net.input, [features, logits], name="gradcam")
 
 
 def heatmaps(model, images: np.ndarray, classes: np.ndarray | None = None) -> np.ndarray:
@@ -55,20 +69,29 @@ def heatmaps(model, images: np.ndarray, classes: np.ndarray | None = None) -> np
     import tensorflow as tf
 
     images = tf.convert_to_tensor(images)
+    if classes is None:
+        classes = tf.argmax(model(images, training=False)[1], axis=1)
+    if model not in _GRAPHS:
+        # Traced once per explainer: eager, the tape cost a served image ~50 ms more than the graph does.
+        _GRAPHS[model] = tf.function(lambda x, c: _normalised_cam(model, x, c), reduce_retracing=True)
+    return _GRAPHS[model](images, tf.cast(classes, tf.int32)).numpy().astype(np.float32)
+
+
+_GRAPHS = weakref.WeakKeyDictionary()  # explainer -> its traced heatmaps function
+
+
+def _normalised_cam(model, images, classes):
+    import tensorflow as tf
+
     with tf.GradientTape() as tape:
         features, logits = model(images, training=False)
         tape.watch(features)
-        logits = tf.cast(logits, tf.float32)
-        if classes is None:
-            classes = tf.argmax(logits, axis=1)
-        score = tf.reduce_sum(tf.gather(logits, tf.cast(classes, tf.int32), axis=1, batch_dims=1))
+        score = tf.reduce_sum(tf.gather(tf.cast(logits, tf.float32), classes, axis=1, batch_dims=1))
     gradients = tf.cast(tape.gradient(score, features), tf.float32)
-    features = tf.cast(features, tf.float32)
     weights = tf.reduce_mean(gradients, axis=(1, 2), keepdims=True)  # one weight per channel and image
-    cam = tf.nn.relu(tf.reduce_sum(weights * features, axis=-1))[..., None]
-    cam = tf.image.resize(cam, images.shape[1:3], method="bilinear")[..., 0]
-    peak = tf.reduce_max(cam, axis=(1, 2), keepdims=True)
-    return (cam / tf.maximum(peak, 1e-12)).numpy().astype(np.float32)
+    cam = tf.nn.relu(tf.reduce_sum(weights * tf.cast(features, tf.float32), axis=-1))[..., None]
+    cam = tf.image.resize(cam, tf.shape(images)[1:3], method="bilinear")[..., 0]
+    return cam / tf.maximum(tf.reduce_max(cam, axis=(1, 2), keepdims=True), 1e-12)
 
 
 def png(heatmap: np.ndarray) -> str:
@@ -78,3 +101,11 @@ def png(heatmap: np.ndarray) -> str:
     buffer = io.BytesIO()
     Image.fromarray(np.round(np.clip(heatmap, 0, 1) * 255).astype(np.uint8)).save(buffer, format="PNG")  # 2-D uint8: L
     return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def serving_settings(model, net) -> dict:
+    """The served model's `explain` config: its one-view network `net` (a layer of `model`, or `model`),
+    the feature layer to weigh, and why explain is refused when there is none."""
+    layer = feature_layer(net)
+    refusal = "" if layer else f"{model.name} has no convolutions to take a Grad-CAM heatmap from; serve a convolutional architecture"
+    return {"net": "" if net is model else net.name, "layer": layer or "", "refusal": refusal}

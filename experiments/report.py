@@ -11,7 +11,9 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import re
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -86,6 +88,38 @@ def champions(client) -> list[tuple[str, object]]:
 # --- Writing -------------------------------------------------------------------------------------
 
 
+def champion_row(client, ui_url: str, name: str, version, output_dir: Path) -> list[str]:
+    """A row of the champions table; the champion's plots/gradcam.png is copied beside the report."""
+    from mlflow.exceptions import MlflowException
+
+    latest = max(client.search_model_versions(f"name = '{name}'"), key=lambda v: int(v.version))
+    gate = latest.tags.get("gate_decision")
+    last_gate = f"v{latest.version} {gate}: {latest.tags.get('gate_reason', '')}" if gate else "not gated"
+    if version is None:
+        return [name, "no champion", "", "", "", "", "", last_gate, ""]
+    tags, source = version.tags, version.tags.get("source_run") or version.run_id
+    try:
+        accuracy = percent(float(tags["test_accuracy"]))
+    except (KeyError, ValueError):
+        accuracy = tags.get("test_accuracy", "")
+    try:
+        run = client.get_run(source)
+    except MlflowException:  # the source run was deleted
+        return [name, version.version, accuracy, "", "", tags.get(ARCH_TAG, ""), f"{source} (deleted)", last_gate, ""]
+    metrics = run.data.metrics
+    interval = (f"{percent(metrics['test_accuracy_ci_low'])} to {percent(metrics['test_accuracy_ci_high'])}"
+                if "test_accuracy_ci_low" in metrics else "not measured")
+    ece = f"{metrics['test_ece']:.4f}" if "test_ece" in metrics else "not measured"
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            shutil.copyfile(client.download_artifacts(source, "plots/gradcam.png", tmp), output_dir / f"gradcam_{name}.png")
+            gradcam = f"[gradcam_{name}.png](gradcam_{name}.png)"
+        except (MlflowException, OSError):  # not logged: an older run, or a network without convolutions
+            gradcam = run.data.tags.get("gradcam_note", "not logged")
+    return [name, version.version, accuracy, interval, ece, tags.get(ARCH_TAG, ""),
+            run_link(ui_url, run.info.experiment_id, source, source), last_gate, gradcam]
+
+
 def run_link(ui_url: str, experiment_id: str, run_id: str, text: str) -> str:
     return f"[{text}]({ui_link(ui_url, experiment_id, run_id)})"
 
@@ -131,7 +165,6 @@ def redact(uri: str) -> str:
 def report(output_dir: str | Path = "reports", ui_url: str = "") -> tuple[Path, Path]:
     """Write <output_dir>/tutorial_vs_ours.md and .png from the current tracking store; returns both paths."""
     import mlflow
-    from mlflow.exceptions import MlflowException
 
     from experiments.tracking import check_tracking_server, default_tracking_uri
     from experiments.tutorial import TUTORIAL_FIGURES
@@ -181,23 +214,13 @@ def report(output_dir: str | Path = "reports", ui_url: str = "") -> tuple[Path, 
     lines += table(["dataset", "arch", "ours", "epochs", "best tutorial arch", "run"], beyond) if beyond else [
         "No run of another architecture beats the tutorial's architectures yet."]
 
-    lines += ["", "## Champions", "", "The version behind the alias `champion` of each registered model.", ""]
-    rows = []
-    for name, version in champions(client):
-        if version is None:
-            rows.append([name, "no champion", "", "", ""])
-            continue
-        tags, source = version.tags, version.tags.get("source_run") or version.run_id
-        try:
-            accuracy = percent(float(tags["test_accuracy"]))
-        except (KeyError, ValueError):
-            accuracy = tags.get("test_accuracy", "")
-        try:
-            link = run_link(ui_url, client.get_run(source).info.experiment_id, source, source)
-        except MlflowException:  # the source run was deleted
-            link = f"{source} (deleted)"
-        rows.append([name, version.version, accuracy, tags.get(ARCH_TAG, ""), link])
-    lines += table(["model", "version", "test_accuracy", "arch", "source run"], rows) if rows else [
+    lines += ["", "## Champions", "",
+              "The version behind the alias `champion` of each registered model: its test accuracy with the 95% "
+              "bootstrap interval over test images, its expected calibration error (after temperature scaling), "
+              "the gate's decision on the model's latest version, and the champion's Grad-CAM plot.", ""]
+    rows = [champion_row(client, ui_url, name, version, output_dir) for name, version in champions(client)]
+    lines += table(["model", "version", "test_accuracy", "95% CI", "ECE", "arch", "source run", "last gate decision",
+                    "Grad-CAM"], rows) if rows else [
         "No registered models yet: `mlflow run . -e promote --env-manager local -P dataset=<dataset>`."]
     lines += ["", f"![The tutorial's test accuracy vs ours]({REPORT_NAME}.png)", ""]
 

@@ -337,7 +337,11 @@ def log_gradcam(model, data: ImageData, probabilities: np.ndarray) -> None:
     right = right[np.linspace(0, len(right) - 1, min(GRADCAM_IMAGES, len(right))).astype(int)] if len(right) else right
     shown = np.concatenate([wrong, right]).astype(int)
     images = take_images(data.test, shown)
-    heatmaps = gradcam.heatmaps(gradcam.explainer(net, layer), images, predicted[shown])
+    try:
+        heatmaps = gradcam.heatmaps(gradcam.explainer(net, layer), images, predicted[shown])
+    except Exception as exc:  # noqa: BLE001 - an explanation never costs a finished training its model
+        mlflow.set_tag("gradcam_note", f"no Grad-CAM: {type(exc).__name__}: {str(exc).splitlines()[0][:200]}")
+        return
     figure = evaluate.plot_gradcam(images, heatmaps, labels[shown], predicted[shown], data.class_names, len(wrong))
     mlflow.log_figure(figure, "plots/gradcam.png")
     plt.close(figure)

@@ -45,6 +45,7 @@ CHAMPION = "champion"
 AS_TRAINED = "as_trained"
 CHALLENGER = "challenger"
 CLASSIFIER_CODE = Path(__file__).with_name("classifier.py")
+GRADCAM_CODE = Path(__file__).parents[1] / "experiments" / "gradcam.py"  # shipped with it, for `explain`
 
 
 @dataclasses.dataclass
@@ -264,9 +265,11 @@ def log_serving_model(client, run_id: str, tta: str = "as_trained") -> tuple[str
     import mlflow
     import numpy as np
     from mlflow.models import Model, ModelSignature
-    from mlflow.types import ColSpec, Schema
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
     from mlflow.types.schema import Array
 
+    from experiments import gradcam
+    from experiments.models import one_view_net
     from experiments.run_logging import MODEL_STEP, link_metrics, pinned_requirements
 
     source = f"runs:/{run_id}/model"
@@ -278,6 +281,7 @@ def log_serving_model(client, run_id: str, tta: str = "as_trained") -> tuple[str
         ColSpec("string", "label"),
         ColSpec("float", "confidence"),
         ColSpec(Array("float"), "probabilities"),
+        ColSpec("string", "heatmap", required=False),  # with params {"explain": true}
     ])
     packages = ["mlflow", "tensorflow", "keras", "numpy", "pandas", "pillow"]
     with tempfile.TemporaryDirectory() as tmp:
@@ -303,14 +307,16 @@ def log_serving_model(client, run_id: str, tta: str = "as_trained") -> tuple[str
             run_id=run_id,
             python_model=str(CLASSIFIER_CODE),
             artifacts={"keras_model": str(keras_path)},
-            model_config={"class_names": class_names, "image_shape": image_shape},
-            signature=ModelSignature(outputs=outputs),
+            code_paths=[str(GRADCAM_CODE)],
+            model_config={"class_names": class_names, "image_shape": image_shape,
+                          "explain": gradcam.serving_settings(model, one_view_net(model))},
+            signature=ModelSignature(outputs=outputs, params=ParamSchema([ParamSpec("explain", "boolean", False)])),
             input_example=np.zeros((1, *image_shape), np.uint8),  # also checks the wrapper loads and predicts
             metadata={**info.metadata, "input": f"uint8 (N, {', '.join(map(str, image_shape))}) or base64 images"},
             pip_requirements=pinned_requirements(packages),
             step=MODEL_STEP,  # no run metric copied at random: the training model's figures, linked below
         )
-    figures = mlflow.get_logged_model(info.model_id).metrics
+    figures = mlflow.get_logged_model(info.model_id).metrics or []  # none on a model logged without figures
     if served["views_changed"]:  # the training model's test figures are of other views: only those of these
         figures = [m for m in figures if not m.key.startswith("test_") or m.key == f"test_accuracy_tta_{served['tta']}"]
     link_metrics(client, run_id, logged.model_id, figures)

@@ -138,3 +138,85 @@ def test_the_command_line_refuses_a_bad_alpha_in_one_line(capsys):
     err = capsys.readouterr().err
     assert err.strip().splitlines()[-1] == "error: alpha must be in (0, 1), got 1.5 (0.05: a 5% chance of promoting noise)"
     assert "Traceback" not in err
+
+
+@pytest.mark.slow
+def test_promote_entry_point_gates_two_real_mnist_runs_and_the_champion_explains_over_http(tiny_npz_dir):
+    """The user's path: two real runs, `mlflow run . -e promote`, then a served request with explain."""
+    import base64
+    import io
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from conftest import PROJECT_ROOT, python_env, served
+    from experiments.train import train
+    from test_registry import encoded, post
+
+    first = train(dataset="mnist", arch="cnn_simple", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    registry.promote("mnist")
+    second = train(dataset="mnist", arch="cnn_simple", epochs=2, batch_size=16, seed=1, data_dir=str(tiny_npz_dir))
+    out = subprocess.run([sys.executable, "-m", "mlflow", "run", ".", "-e", "promote", "--env-manager", "local",
+                          "-P", "dataset=mnist"], cwd=PROJECT_ROOT, env=python_env(), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    client = mlflow.MlflowClient()
+    [version] = [v for v in client.search_model_versions("name = 'mnist'") if v.run_id == second.run_id]
+    tags = version.tags
+    assert GATE_TAGS <= set(tags) and tags["gate_decision"] in ("champion", "challenger")
+    decision = tags["gate_decision"]
+    passed = float(tags["gate_p_value"]) < 0.05 and float(tags["gate_gain"]) >= 0 and float(
+        tags["gate_worst_class_drop"]) <= 5
+    assert decision == ("champion" if passed else "challenger"), tags
+    assert f"is now {decision}" in out.stdout and f"gate {tags['gate_reason']}" in out.stdout
+    holder = second if decision == "champion" else first
+    assert client.get_model_version_by_alias("mnist", "champion").run_id == holder.run_id
+
+    images = np.random.default_rng(0).integers(0, 255, size=(2, 28, 28, 1), dtype=np.uint8)
+    photo = np.random.default_rng(1).integers(0, 255, size=(40, 30), dtype=np.uint8)  # resized inside
+    local = mlflow.pyfunc.load_model("models:/mnist@champion")
+    with served("models:/mnist@champion", MLFLOW_TRACKING_URI=mlflow.get_tracking_uri()) as url:
+        plain = post(url, {"inputs": images.tolist()})
+        status, body = post(url, {"inputs": images.tolist(), "params": {"explain": True}})
+        assert plain[0] == status == 200 and all("heatmap" not in row for row in plain[1]["predictions"])
+        for row, without in zip(body["predictions"], plain[1]["predictions"]):  # the usual fields, unchanged
+            assert {k: v for k, v in row.items() if k != "heatmap"} == without
+            assert Image.open(io.BytesIO(base64.b64decode(row["heatmap"]))).size == (28, 28)
+        status, body = post(url, {"inputs": [encoded(photo)], "params": {"explain": True}})
+        assert status == 200
+        heatmap = Image.open(io.BytesIO(base64.b64decode(body["predictions"][0]["heatmap"])))
+        assert heatmap.size == (30, 40) and heatmap.mode == "L"  # (width, height) of the photo as sent
+        sent = heatmap_pixels(post(url, {"inputs": images[:1].tolist(), "params": {"explain": True}})[1]
+                              ["predictions"][0]["heatmap"])
+    # What the server sent is the model's own Grad-CAM of its predicted class, as computed in process.
+    [record] = local.predict(images[:1], params={"explain": True})
+    np.testing.assert_allclose(heatmap_pixels(record["heatmap"]), sent, atol=1)
+    assert heatmap_pixels(record["heatmap"]).max() == 255  # normalised to its peak
+
+
+def heatmap_pixels(png: str) -> np.ndarray:
+    import base64
+    import io
+
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(base64.b64decode(png))), dtype=np.int16)
+
+
+@pytest.mark.slow
+def test_explain_on_a_network_without_convolutions_is_refused_whole_with_a_400(tiny_npz_dir):
+    from mlflow.exceptions import MlflowException
+
+    from experiments.train import train
+    run = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    uri, _ = registry.log_serving_model(mlflow.MlflowClient(), run.run_id)
+    model = mlflow.pyfunc.load_model(uri)
+    images = np.zeros((3, 28, 28, 1), np.uint8)
+    assert all("heatmap" not in record for record in model.predict(images))
+    with pytest.raises(MlflowException) as refused:
+        model.predict(images, params={"explain": True})
+    # The model's own copy of classifier.py raised it: the scoring server answers it with its status.
+    assert type(refused.value).__name__ == "BadInput" and refused.value.get_http_status_code() == 400
+    assert str(refused.value.message) == ("explain is not available: mlp has no convolutions to take a Grad-CAM "
+                                          "heatmap from; serve a convolutional architecture")

@@ -1,5 +1,5 @@
-"""Grad-CAM: it finds where the class signal is, every convolutional run plots it, and the served model
-explains on request."""
+"""Grad-CAM finds where the class signal is (runs plot it: tests/test_report.py; the served model explains
+on request: tests/test_gate.py)."""
 
 from __future__ import annotations
 
@@ -7,16 +7,12 @@ import base64
 import io
 
 import keras
-import mlflow
 import numpy as np
-import pytest
 from PIL import Image
 
-from conftest import artifact_paths
 from experiments import gradcam
 from experiments.models import DataSpec, create_model
 from experiments.models.layers import classifier, pixels
-from experiments.train import train
 
 
 def quadrant_task(count: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
@@ -74,11 +70,3 @@ def test_a_heatmap_is_a_png_of_the_images_size():
     heatmap = np.linspace(0, 1, 24 * 20, dtype=np.float32).reshape(24, 20)
     decoded = np.asarray(Image.open(io.BytesIO(base64.b64decode(gradcam.png(heatmap)))))
     assert decoded.shape == (24, 20) and decoded.dtype == np.uint8 and (decoded[0, 0], decoded[-1, -1]) == (0, 255)
-
-
-def test_a_convolutional_run_plots_gradcam_and_an_mlp_run_says_why_not(tiny_npz_dir):
-    conv = train(dataset="mnist", arch="cnn_simple", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
-    assert "plots/gradcam.png" in artifact_paths(conv.run_id)
-    dense = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
-    assert "plots/gradcam.png" not in artifact_paths(dense.run_id)
-    assert mlflow.get_run(dense.run_id).data.tags["gradcam_note"].endswith("has no convolutions")

@@ -6,7 +6,7 @@ import mlflow
 import pytest
 from PIL import Image
 
-from conftest import free_port
+from conftest import artifact_paths, free_port
 from experiments import report as tutorial_report
 from experiments.train import train
 from registry.promote import promote
@@ -37,6 +37,9 @@ def test_report_compares_tutorial_runs_and_names_champions(tiny_npz_dir, tmp_pat
     client = mlflow.MlflowClient()
     mlp = train(dataset="mnist", arch="mlp", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
     cnn = train(dataset="mnist", arch="cnn_simple", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir))
+    # Grad-CAM: the convolutional run plots it; the mlp, without convolutions, says why not.
+    assert "plots/gradcam.png" in artifact_paths(cnn.run_id) and "plots/gradcam.png" not in artifact_paths(mlp.run_id)
+    assert client.get_run(mlp.run_id).data.tags["gradcam_note"] == "no Grad-CAM: mlp has no convolutions"
     [decision] = promote("mnist")
     # CIFAR-10: the tutorial's cnn_simple against a stronger architecture; a failed run and a run
     # without test_accuracy are not results.
@@ -70,7 +73,16 @@ def test_report_compares_tutorial_runs_and_names_champions(tiny_npz_dir, tmp_pat
     champion = client.get_model_version_by_alias("mnist", "champion")
     assert (decision.action, str(champion.version)) == ("champion", "1")
     expected = f"{float(champion.tags['test_accuracy']) * 100:.2f}%"
-    assert row(champions, "mnist", "1", expected, champion.tags["arch"])
+    metrics = client.get_run(decision.run_id).data.metrics
+    interval = f"{metrics['test_accuracy_ci_low'] * 100:.2f}% to {metrics['test_accuracy_ci_high'] * 100:.2f}%"
+    line = row(champions, "mnist", "1", expected, interval, f"{metrics['test_ece']:.4f}", champion.tags["arch"])
+    assert " | v1 champion: no champion yet: the best candidate becomes champion | " in line
+    if champion.tags["arch"] == "mlp":  # whichever of the two runs won
+        assert line.endswith(" | no Grad-CAM: mlp has no convolutions |")
+    else:
+        assert line.endswith(" | [gradcam_mnist.png](gradcam_mnist.png) |")
+        with Image.open(tmp_path / "out" / "gradcam_mnist.png") as image:
+            assert image.format == "PNG"
     assert f"runs/{decision.run_id}?workflowType=machine_learning)" in row(champions, "mnist", "1")
     assert "![The tutorial's test accuracy vs ours](tutorial_vs_ours.png)" in markdown
 

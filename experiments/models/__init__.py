@@ -159,6 +159,7 @@ from experiments.models.inference import (  # noqa: E402
     TTA_LEVELS,
     inference_model,
     inference_views,
+    one_view_net,
     tta_level,
     with_views,
     without_views,

@@ -19,14 +19,21 @@ def tta_level(recipe: Recipe, data: DataSpec) -> str:
     return {1: "none", 2: "flip", 6: "full"}[inference_views(recipe, data)]
 
 
-def without_views(model: keras.Model) -> keras.Model:
-    """The one-view model inside a model that inference_model() gave test-time views (itself if it has none)."""
+def one_view_net(model: keras.Model) -> keras.Model:
+    """The network every test-time view of `model` runs (nested in it), or `model` itself if it has no views.
+    Its output is the views' logits, or their probabilities when the recipe averages those."""
     names = {layer.name for layer in model.layers}
     last = "logits" if "logits" in names else "probabilities"  # where the views are averaged
     if last not in names or not isinstance(model.get_layer(last), layers.Average):
         return model  # no views (the VGG16 head's softmax, say, is inside its own head)
     (net,) = [layer for layer in model.layers if isinstance(layer, keras.Model)]  # every view runs this one
-    if not net.name.endswith("_logits"):
+    return net
+
+
+def without_views(model: keras.Model) -> keras.Model:
+    """The one-view model inside a model that inference_model() gave test-time views (itself if it has none)."""
+    net = one_view_net(model)
+    if net is model or not net.name.endswith("_logits"):
         return net
     probabilities = layers.Activation("softmax", dtype="float32", name="probabilities")(net.output)
     return keras.Model(net.input, probabilities, name=model.name)
