@@ -1,0 +1,107 @@
+"""The strategy choice and the multi-worker cluster (experiments/strategy.py): parsing, every bad input in one
+line, and Keras fit under MultiWorkerMirroredStrategy with two real workers on loopback."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+
+import pytest
+
+from conftest import PROJECT_ROOT, python_env
+from experiments import strategy
+from experiments.errors import UserError
+from experiments.network import free_port
+
+
+@pytest.mark.parametrize("requested, gpus, built", [
+    ("auto", 0, "default"), ("auto", 1, "default"), ("auto", 2, "mirrored"),
+    ("mirrored", 0, "mirrored"), ("multi_worker", 0, "multi_worker"), ("multi_worker", 4, "multi_worker"),
+])
+def test_auto_mirrors_only_over_several_gpus(requested, gpus, built):
+    assert strategy.choose(requested, gpus) == built
+
+
+def test_workers_build_tf_config_and_tf_config_is_read_back():
+    cluster = strategy.resolve("multi_worker", "10.0.0.1:2222, 10.0.0.2:2222", 1)
+    assert cluster == strategy.Cluster(("10.0.0.1:2222", "10.0.0.2:2222"), 1) and not cluster.is_chief
+    assert json.loads(cluster.tf_config()) == {"cluster": {"worker": ["10.0.0.1:2222", "10.0.0.2:2222"]},
+                                               "task": {"type": "worker", "index": 1}}
+    assert strategy.resolve("multi_worker", environ={"TF_CONFIG": cluster.tf_config()}) == cluster
+    # A chief entry comes first: it is worker 0 of the cluster.
+    with_chief = {"cluster": {"chief": ["a:1"], "worker": ["b:2", "c:3"]}, "task": {"type": "worker", "index": 1}}
+    assert strategy.resolve("multi_worker", environ={"TF_CONFIG": json.dumps(with_chief)}) == strategy.Cluster(
+        ("a:1", "b:2", "c:3"), 2)
+    assert strategy.resolve("auto", environ={"TF_CONFIG": cluster.tf_config()}) is None  # only multi_worker joins
+
+
+@pytest.mark.parametrize("call, fragment", [
+    (lambda: strategy.resolve("data_parallel"), "unknown strategy 'data_parallel'; choose one of auto, mirrored"),
+    (lambda: strategy.resolve("multi_worker", environ={}), "--strategy multi_worker needs its workers: set TF_CONFIG"),
+    (lambda: strategy.resolve("multi_worker", "127.0.0.1:1,127.0.0.1:2", 2), "--worker-index 2 is outside the 2 workers"),
+    (lambda: strategy.resolve("multi_worker", "127.0.0.1:1,127.0.0.1:2", -1), "--worker-index -1 is outside"),
+    (lambda: strategy.resolve("multi_worker", "127.0.0.1", 0), "worker address '127.0.0.1' is not host:port"),
+    (lambda: strategy.resolve("multi_worker", "h:1,h:1", 0), "--workers lists an address twice"),
+    (lambda: strategy.resolve("auto", "h:1,h:2", 0), "--workers needs --strategy multi_worker"),
+    (lambda: strategy.resolve("multi_worker", environ={"TF_CONFIG": "{cluster: nope"}), "TF_CONFIG is not valid JSON"),
+    (lambda: strategy.resolve("multi_worker", environ={"TF_CONFIG": "{}"}), "TF_CONFIG lacks 'cluster'"),
+    (lambda: strategy.check_batch(100, 3), "batch_size 100 does not split evenly over 3 replicas; use a multiple of 3"),
+])
+def test_bad_cluster_settings_are_one_line_errors(call, fragment):
+    with pytest.raises(UserError) as refused:
+        call()
+    assert fragment in str(refused.value) and "\n" not in str(refused.value)
+
+
+def test_a_port_in_use_is_refused_before_tensorflow_takes_it():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        cluster = strategy.resolve("multi_worker", f"127.0.0.1:{port},127.0.0.1:{free_port()}", 0)
+        with pytest.raises(UserError, match=f"127.0.0.1:{port} cannot be used .* Pick free ports in --workers"):
+            strategy.check_port_free(cluster)
+    strategy.check_port_free(cluster)  # free again
+    assert strategy.check_batch(128, 2) == 64
+
+
+WORKER = """
+import sys
+import numpy as np, tensorflow as tf, keras
+from experiments import strategy
+cluster = strategy.resolve("multi_worker", sys.argv[1], int(sys.argv[2]))
+distributed = strategy.build("multi_worker", cluster)
+images = np.random.default_rng(0).integers(0, 255, (128, 12, 12, 1)).astype(np.uint8)
+labels = (images.mean(axis=(1, 2, 3)) > 127).astype(np.int32)
+keras.utils.set_random_seed(0)
+with distributed.scope():
+    inputs = keras.Input((12, 12, 1), dtype="uint8")
+    x = keras.layers.Conv2D(4, 3, activation="relu")(keras.layers.Rescaling(1 / 255)(inputs))
+    model = keras.Model(inputs, keras.layers.Dense(2, activation="softmax")(keras.layers.GlobalAveragePooling2D()(x)))
+    model.compile("adam", "sparse_categorical_crossentropy", metrics=["accuracy"])
+options = tf.data.Options()
+options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+batches = tf.data.Dataset.from_tensor_slices((images, labels)).batch(32).with_options(options)
+history = model.fit(batches, validation_data=batches, epochs=2, verbose=0).history
+print("RESULT", distributed.num_replicas_in_sync, len(history["loss"]), sum(float(np.sum(w)) for w in model.get_weights()))
+"""
+
+
+@pytest.mark.slow
+def test_keras_fit_runs_synchronously_on_two_loopback_workers():
+    """Keras 3's own fit under MultiWorkerMirroredStrategy, with strategy.py's two fixes: both workers end
+    with the same weights."""
+    workers = f"127.0.0.1:{free_port()},127.0.0.1:{free_port()}"
+    processes = [subprocess.Popen([sys.executable, "-c", WORKER, workers, str(index)], cwd=PROJECT_ROOT,
+                                  env=python_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                 for index in (0, 1)]
+    outputs = [process.communicate(timeout=300) for process in processes]
+    results = []
+    for process, (out, err) in zip(processes, outputs):
+        assert process.returncode == 0, err[-3000:]
+        [line] = [line for line in out.splitlines() if line.startswith("RESULT ")]
+        results.append(line.split()[1:])
+    assert results[0][:2] == ["2", "2"]  # two replicas, two epochs
+    assert results[0] == results[1]  # the same weights on both workers
