@@ -12,8 +12,9 @@ self-contained: no imports from this project. It accepts, through `mlflow models
 It answers one record (a dict) per image: `class_index`, `label` (the class name), `confidence` and
 `probabilities` (in class order). With `"params": {"explain": true}` each record also has `heatmap`: the
 Grad-CAM of the predicted class (gradcam.py, shipped beside this file) as a base64 greyscale PNG of the
-image's size, the size it was sent at. A network without convolutions refuses explain requests whole. Bad input raises an MlflowException with INVALID_PARAMETER_VALUE,
-which the scoring server turns into HTTP 400 with the message, and keeps serving.
+image's size, the size it was sent at. A network without convolutions refuses explain requests whole.
+Bad input raises an MlflowException with INVALID_PARAMETER_VALUE, which the scoring server turns into
+HTTP 400 with the message, and keeps serving.
 
 Caps (model config, overridable at serving time by environment variables):
 `max_batch` (CNN_SERVE_MAX_BATCH) images per request, `max_image_pixels`
