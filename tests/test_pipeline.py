@@ -49,7 +49,9 @@ def test_main_entry_point_runs_every_step_as_a_child_run(tmp_path):
     written = (report / "tutorial_vs_ours.md").read_text()
     assert "| mnist | mlp | about 97% | not run |" in written and "| cifar10 | cnn_deep | 78-80% |" in written
     artifacts = {f.path for f in client.list_artifacts(parent.info.run_id, "report")}
-    assert artifacts == {"report/tutorial_vs_ours.md", "report/tutorial_vs_ours.png"}
+    # The champion is convolutional: its Grad-CAM plot sits beside the report, linked from it.
+    assert artifacts == {"report/tutorial_vs_ours.md", "report/tutorial_vs_ours.png", "report/gradcam_cifar10.png"}
+    assert "[gradcam_cifar10.png](gradcam_cifar10.png)" in written
     table = json.load(open(client.download_artifacts(parent.info.run_id, "steps.json")))
     assert [row[1] for row in table["data"]] == ["FINISHED"] * 5
     results = [row[3] for row in table["data"]]  # each training's and the search's test accuracy, from its run
