@@ -221,8 +221,7 @@ def log_evaluation(data: ImageData, served, history: dict, accuracy: float, loss
     predictions.log(labels, probabilities, data.test.digest)
     mlflow.log_table(ours.per_class, "evaluation/per_class_accuracy.json")
     mlflow.log_dict({"class_names": data.class_names, "matrix": matrix.tolist()}, "evaluation/confusion_matrix.json")
-    wrong = np.flatnonzero(predicted != labels)
-    shown = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:25]
+    shown = most_confident_mistakes(labels, probabilities, 25)
     images = take_images(data.test, shown)
     figures = {
         "plots/confusion_matrix.png": evaluate.plot_confusion_matrix(matrix, data.class_names),
@@ -314,6 +313,13 @@ def log_view_figures(model, config, data: ImageData, model_id: str) -> None:
         mlflow.log_metrics(figures, model_id=model_id, dataset=split_dataset(data, data.test, "testing"))
 
 
+def most_confident_mistakes(labels: np.ndarray, probabilities: np.ndarray, count: int) -> np.ndarray:
+    """The indices of up to `count` misclassified images, the most confidently wrong first."""
+    predicted = probabilities.argmax(axis=1)
+    wrong = np.flatnonzero(predicted != labels)
+    return wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:count]
+
+
 GRADCAM_IMAGES = 8  # misclassified, and as many correct, test images in plots/gradcam.png
 
 
@@ -332,8 +338,7 @@ def log_gradcam(model, data: ImageData, probabilities: np.ndarray) -> None:
         mlflow.set_tag("gradcam_note", f"no Grad-CAM: {model.name} has no convolutions")
         return
     labels, predicted = data.test.labels, probabilities.argmax(axis=1)
-    wrong, right = np.flatnonzero(predicted != labels), np.flatnonzero(predicted == labels)
-    wrong = wrong[np.argsort(-probabilities[wrong, predicted[wrong]])][:GRADCAM_IMAGES]
+    wrong, right = most_confident_mistakes(labels, probabilities, GRADCAM_IMAGES), np.flatnonzero(predicted == labels)
     right = right[np.linspace(0, len(right) - 1, min(GRADCAM_IMAGES, len(right))).astype(int)] if len(right) else right
     shown = np.concatenate([wrong, right]).astype(int)
     images = take_images(data.test, shown)

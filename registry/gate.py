@@ -20,8 +20,9 @@ import dataclasses
 
 import numpy as np
 
-from experiments.errors import UserError
 from experiments import predictions as stored
+from experiments import scoring
+from experiments.errors import UserError
 from experiments.predictions import Predictions
 
 NOT_MEASURED = "n/a"
@@ -75,11 +76,8 @@ def mcnemar_p(wins: int, losses: int) -> float:
 
 def recalls(predictions: Predictions, num_classes: int) -> np.ndarray:
     """Per-class recall in points (NaN for a class with no test images)."""
-    support = np.bincount(predictions.labels, minlength=num_classes)
-    right = np.bincount(predictions.labels[predictions.correct], minlength=num_classes)
-    out = np.full(num_classes, np.nan)
-    np.divide(100.0 * right, support, out=out, where=support > 0)
-    return out
+    matrix = scoring.confusion_matrix(predictions.labels, predictions.predicted, num_classes)
+    return 100.0 * scoring.class_scores(matrix)["recall"]
 
 
 def compare(candidate: Predictions, champion: Predictions, class_names: list[str],
@@ -94,7 +92,8 @@ def compare(candidate: Predictions, champion: Predictions, class_names: list[str
     losses = int(np.sum(~candidate.correct & champion.correct))
     p_value = mcnemar_p(wins, losses)
     gain = 100.0 * (wins - losses) / len(candidate.labels)
-    num_classes = max(len(class_names), int(candidate.labels.max()) + 1)
+    num_classes = max(len(class_names), *(int(p.predicted.max()) + 1 for p in (candidate, champion)),
+                      int(candidate.labels.max()) + 1)
     drops = recalls(champion, num_classes) - recalls(candidate, num_classes)
     worst = int(np.nanargmax(drops)) if not np.all(np.isnan(drops)) else 0
     worst_name = str(class_names[worst]) if worst < len(class_names) else str(worst)
