@@ -361,9 +361,11 @@ def main(argv=None) -> int:
     parser.add_argument("--data-digest", default="", help="compare runs on this test split (default: the champion's)")
     parser.add_argument("--rollback", default="", metavar="NAME", help="move NAME@champion back instead")
     parser.add_argument("--tta", default=AS_TRAINED, help="test-time views served: as_trained, none, flip or full")
-    parser.add_argument("--alpha", type=float, default=0.05, help="McNemar p-value a new champion must be below")
-    parser.add_argument("--min-gain", type=float, default=0.0, help="accuracy points a new champion must gain")
-    parser.add_argument("--max-class-drop", type=float, default=5.0,
+    parser.add_argument("--alpha", type=float, default=GateSettings.alpha,
+                        help="McNemar p-value a new champion must be below")
+    parser.add_argument("--min-gain", type=float, default=GateSettings.min_gain,
+                        help="accuracy points a new champion must gain")
+    parser.add_argument("--max-class-drop", type=float, default=GateSettings.max_class_drop,
                         help="points of recall any one class may lose to a new champion")
     args = parser.parse_args(argv)
 
