@@ -56,7 +56,7 @@ def benchmark(name: str, description: str):
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
     from benchmarks import (  # noqa: F401
-        ablation, cpu, determinism, evaluation, overhead, pipeline, precision, recipes, runs, serving, serving_ratio,
+        ablation, cpu, determinism, distributed, evaluation, overhead, pipeline, precision, recipes, runs, serving, serving_ratio,
         speed, trust,
     )
 

@@ -39,12 +39,17 @@ class Checkpoint:
     config_key: str  # the settings it was trained with (see config_key())
 
     def load_model(self):
-        import keras
+        return load_keras(self.folder / "model.keras")
 
-        from experiments.models import AlternatingFlip, EpochGatedBias, FastBatchNorm, RandomShift
 
-        custom = {layer.__name__: layer for layer in (FastBatchNorm, AlternatingFlip, RandomShift, EpochGatedBias)}
-        return keras.models.load_model(self.folder / "model.keras", safe_mode=True, custom_objects=custom)
+def load_keras(path: Path):
+    """A model saved by Keras, with its optimizer state and the project's own layers."""
+    import keras
+
+    from experiments.models import AlternatingFlip, EpochGatedBias, FastBatchNorm, RandomShift
+
+    custom = {layer.__name__: layer for layer in (FastBatchNorm, AlternatingFlip, RandomShift, EpochGatedBias)}
+    return keras.models.load_model(path, safe_mode=True, custom_objects=custom)
 
 
 def latest(run_folder: Path) -> Checkpoint | None:
@@ -92,8 +97,14 @@ def remove(run_id: str) -> None:
     shutil.rmtree(root() / run_id, ignore_errors=True)
 
 
-def callback(run_id: str, config, history: dict | None = None):
-    """A Keras callback that saves each finished epoch; it must run before MLflow logs the epoch."""
+def callback(run_id: str | None, config, history: dict | None = None):
+    """A Keras callback that saves each finished epoch; it must run before MLflow logs the epoch.
+
+    run_id None: a multi-worker training's other workers, whose saves are thrown away. Under
+    MultiWorkerMirroredStrategy saving is a collective op, so every worker saves when the chief does.
+    """
+    import tempfile
+
     import keras
 
     key = config_key(config)
@@ -104,6 +115,10 @@ def callback(run_id: str, config, history: dict | None = None):
             self.history = {k: list(v) for k, v in (history or {}).items()}
 
         def on_epoch_end(self, epoch, logs=None):
+            if run_id is None:
+                with tempfile.TemporaryDirectory() as folder:
+                    self.model.save(Path(folder) / "model.keras")
+                return
             for name, value in (logs or {}).items():
                 self.history.setdefault(name, []).append(float(value))
             folder = root() / run_id

@@ -88,7 +88,12 @@ def make_batches(split: Split, batch_size: int, num_classes: int, shuffle_seed: 
     batches = images.batch(batch_size).map(lambda x, y: (x, tf.one_hot(y, num_classes)))
     if cutmix:
         batches = batches.map(cut_and_mix(cutmix, shuffle_seed), num_parallel_calls=tf.data.AUTOTUNE)
-    return batches.prefetch(tf.data.AUTOTUNE)
+    # Under MultiWorkerMirroredStrategy every worker builds this same pipeline (the same seed, so the same
+    # order) and takes its share of each global batch: no image twice per epoch. AUTO would first try to
+    # shard by file, and these datasets are not read from files.
+    options = tf.data.Options()
+    options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.DATA
+    return batches.prefetch(tf.data.AUTOTUNE).with_options(options)
 
 
 def cut_and_mix(factor: float, seed: int | None):

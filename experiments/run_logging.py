@@ -15,7 +15,7 @@ from mlflow.keras import MlflowCallback
 
 # Before any run starts, not when it ends: importing MLflow's evaluation modules while the run's system
 # metrics thread logs can deadlock in MLflow's import hooks (a training hung in CI, MLflow 3.17.2).
-from experiments import evaluate, predictions, scoring
+from experiments import checkpoints, evaluate, predictions, scoring
 from experiments.datasets import ImageData, take_images, takes_image_size
 from experiments.models import Recipe, get_model_entry
 from experiments.tracking import ARCH_TAG, DATA_DIGEST_TAG, DATASET_TAG, TRIAL_ID_TAG, git_state
@@ -42,9 +42,32 @@ def pinned_requirements(packages=MODEL_PACKAGES) -> list[str]:
     return [f"{package}=={version(package)}" for package in packages]
 
 
-def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precision=None) -> None:
+def start_tracking(config, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed,
+                   choice, distribution) -> list:
+    """Log what a new run records at its start (a resumed run: its missing epochs); returns the callbacks
+    that log and checkpoint each epoch, ahead of the caller's. A worker other than the chief logs nothing."""
+    import mlflow
+
+    if not distribution.is_chief:  # it saves when the chief does (a collective op), into a throwaway folder
+        return [checkpoints.callback(None, config), *callbacks]
+    run_id = mlflow.active_run().info.run_id
+    if checkpoint:
+        print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)
+        mlflow.set_tag("resumed_after_epoch", checkpoint.epoch)
+        checkpoints.log_missing_epochs(checkpoint)
+        return [checkpoints.callback(run_id, config, checkpoint.history),
+                EpochLogger(log_summary=False), *callbacks]
+    log_run_start(config, data, config.training_recipe(), splits, choice, distribution)
+    # The checkpoint callback comes first: an epoch is saved before anything else sees it. Then MLflow's
+    # per-epoch logging (the model is logged at the end, with a uint8 signature).
+    saved = [checkpoints.callback(run_id, config)] if checkpointed else []
+    return [*saved, EpochLogger(), *callbacks]
+
+
+def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precision=None, distribution=None) -> None:
     """Tags, params, config.json and the fit and validation splits as `mlflow.data` inputs. `precision`, an
-    `experiments.precision.Choice`: the precision trained in (`precision_chosen`) and why (a tag)."""
+    `experiments.precision.Choice`: the precision trained in (`precision_chosen`) and why (a tag).
+    `distribution` (experiments.strategy): the strategy, workers, replicas and batches (and the workers' hosts)."""
     import mlflow
 
     run = mlflow.MlflowClient().get_run(mlflow.active_run().info.run_id)
@@ -60,6 +83,8 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precis
     }
     if precision:
         tags["precision_reason"] = precision.reason
+    if distribution and distribution.cluster:
+        tags["cluster_workers"] = ",".join(distribution.cluster.workers)
     trial = TRIAL_ID_TAG in run.data.tags
     if trial:  # a tuner trial keeps the name and note the tuner gave it
         del tags["mlflow.runName"], tags["mlflow.note.content"]
@@ -77,6 +102,7 @@ def log_run_start(config, data: ImageData, recipe: Recipe, splits: tuple, precis
         **choices,
         **data.info,
         **({"precision_chosen": precision.precision} if precision else {}),
+        **(distribution.params() if distribution else {}),
         "num_train": len(data.train),
         "num_test": len(data.test),
         **{"num_calibration": len(split) for split, context in splits if context == "calibration"},

@@ -10,12 +10,14 @@ Everything here is checked before a run exists, and bad input is one UserError l
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
 import socket
 
 from experiments.errors import UserError
+from experiments.tracking import launched_run_id
 
 STRATEGIES = ("auto", "mirrored", "multi_worker")
 
@@ -33,6 +35,15 @@ class Cluster:
 
     def tf_config(self) -> str:
         return json.dumps({"cluster": {"worker": list(self.workers)}, "task": {"type": "worker", "index": self.index}})
+
+
+def add_flags(parser) -> None:
+    """--strategy, --workers and --worker-index, for a command that trains."""
+    parser.add_argument("--strategy", default="auto", help=f"one of: {', '.join(STRATEGIES)} (auto: mirrored over "
+                        "several GPUs, else one device)")
+    parser.add_argument("--workers", default="", help="multi_worker: host:port of every worker, the chief's first "
+                        "(else TF_CONFIG)")
+    parser.add_argument("--worker-index", type=int, default=0, help="multi_worker: this worker's place in --workers")
 
 
 def parse_address(address: str) -> tuple[str, int]:
@@ -117,6 +128,106 @@ def check_batch(batch_size: int, replicas: int) -> int:
         raise UserError(f"batch_size {batch_size} does not split evenly over {replicas} replicas; use a "
                         f"multiple of {replicas} (e.g. {batch_size - batch_size % replicas or replicas})")
     return batch_size // replicas
+
+
+@dataclasses.dataclass
+class Distribution:
+    """The strategy a training runs under, and this process's place in it."""
+
+    requested: str  # as given: auto, mirrored or multi_worker
+    kind: str  # as built: default, mirrored or multi_worker
+    strategy: object  # the tf.distribute strategy
+    cluster: Cluster | None  # multi_worker only
+    batch_size: int  # the global batch
+
+    @property
+    def is_chief(self) -> bool:
+        """Only the chief (worker 0, or the only process) tracks the run, checkpoints and evaluates."""
+        return self.cluster is None or self.cluster.is_chief
+
+    @property
+    def replicas(self) -> int:
+        return self.strategy.num_replicas_in_sync
+
+    def scope(self):
+        """Where the model is built and compiled; TensorFlow's default strategy needs none."""
+        return contextlib.nullcontext() if self.kind == "default" else self.strategy.scope()
+
+    def finish(self, model):
+        """End of training, on every worker: prints this worker's weights digest (the same on every worker of
+        a synchronous strategy) and returns the model the chief predicts with. A multi-worker model's predict
+        is a collective op that every worker would have to join, so the chief predicts with a copy made
+        outside the strategy; saving it is a collective op too, hence on every worker."""
+        if self.kind != "multi_worker":
+            return model
+        import tempfile
+        from pathlib import Path
+
+        from experiments.checkpoints import load_keras
+
+        print(f"worker {self.cluster.index} of {len(self.cluster.workers)}: training done, weights "
+              f"{weights_digest(model)}", flush=True)
+        with tempfile.TemporaryDirectory() as folder:
+            model.save(Path(folder) / "model.keras")
+            if self.is_chief:
+                return load_keras(Path(folder) / "model.keras")
+        self.barrier()  # until the chief has evaluated and logged: a worker leaving early alarms its coordinator
+        return model
+
+    def barrier(self) -> None:
+        """Every worker waits here until all have reached it (a one-number all-reduce); the chief reaches it
+        when its run is complete."""
+        if self.kind == "multi_worker":
+            import tensorflow as tf
+
+            self.strategy.reduce("SUM", self.strategy.run(lambda: tf.constant(1.0)), axis=None)
+
+    def params(self) -> dict:
+        return {"strategy": self.requested, "strategy_built": self.kind,
+                "num_workers": len(self.cluster.workers) if self.cluster else 1, "replicas": self.replicas,
+                "global_batch_size": self.batch_size, "per_replica_batch_size": self.batch_size // self.replicas}
+
+
+def prepare(requested: str, workers: str, worker_index: int, batch_size: int, single: bool = False,
+            gpus: int | None = None) -> Distribution:
+    """Check the settings, join the cluster (a multi-worker training waits here for every worker) and check
+    the batch against the replicas: before any other TensorFlow op, as MultiWorkerMirroredStrategy needs,
+    and before any run exists. `single`: a training that must run on one device (a tuner trial's prebuilt
+    model, a head on cached features)."""
+    cluster = resolve(requested, workers, worker_index)
+    if single and requested != "auto":
+        raise UserError(f"--strategy {requested} needs a model train() builds: a tuner trial's model and a head on "
+                        "cached features train on one device; leave strategy at auto")
+    if cluster and not cluster.is_chief and launched_run_id():
+        raise UserError(f"worker {cluster.index} runs under `mlflow run`, which gave it an MLflow run of its own; "
+                        "start the workers other than the chief with `python -m experiments.train ...`")
+    if cluster:
+        check_port_free(cluster)
+    if single:
+        gpus = 0
+    if gpus is None:
+        import tensorflow as tf
+
+        gpus = len(tf.config.list_physical_devices("GPU"))
+    kind = choose(requested, gpus)
+    # Checked before joining, so that every worker fails at once: one replica per GPU, or per worker on CPUs.
+    check_batch(batch_size, 1 if kind == "default" else (len(cluster.workers) if cluster else 1) * max(1, gpus))
+    if cluster:
+        print(f"worker {cluster.index} of {len(cluster.workers)} ({cluster.workers[cluster.index]}): waiting for "
+              "every worker to join", flush=True)
+    distribution = Distribution(requested, kind, build(kind, cluster), cluster, batch_size)
+    check_batch(batch_size, distribution.replicas)
+    return distribution
+
+
+def weights_digest(model) -> str:
+    """sha256 of a model's weights, in order: equal digests, equal weights."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    for weight in model.get_weights():
+        digest.update(weight.tobytes())
+    return "sha256:" + digest.hexdigest()[:16]
 
 
 def build(kind: str, cluster: Cluster | None):

@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from experiments import checkpoints, precision
+from experiments import checkpoints, precision, strategy as distribute
 from experiments.cache import check_cache_writable
 from experiments.cli import add_config_flags, architecture_names, boolean, run_main
 from experiments.datasets import ImageData, check_dataset_args, default_arch, fit_splits, list_datasets, load_data
@@ -101,7 +101,8 @@ class TrainResult:
 
 
 def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initial_epoch: int = 0,
-          evaluate: bool = True, track: bool = True, resume: bool = False, **overrides) -> TrainResult:
+          evaluate: bool = True, track: bool = True, resume: bool = False, strategy: str = "auto",
+          workers: str = "", worker_index: int = 0, **overrides) -> TrainResult:
     """Train `config.arch` on `config.dataset`, tracked in MLflow; returns the run id and test figures.
 
     Logs into the active MLflow run if there is one (a tuner trial, `mlflow run`), else starts a run
@@ -112,6 +113,7 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
 
     Every epoch is checkpointed. A run killed mid-training continues from its last finished epoch,
     in the same MLflow run: automatically under `mlflow run --run-id <id>`, or with `resume=True`.
+    Under `strategy="multi_worker"` (experiments/strategy.py) all workers train; the chief alone logs.
     """
     import mlflow
 
@@ -119,14 +121,18 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
 
     config = dataclasses.replace(config, **overrides) if config else TrainConfig(**overrides)
     config.validate()
-    if track and mlflow.active_run() is None:
-        check_tracking_server()
-    data = load_data(config)
     on_features = bool(config.training_recipe().features)
     if model is not None and on_features:
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
-    # A tuner trial (it passes its model) has Keras Tuner's checkpoints; a VGG16 head retrains in seconds.
+    # Before any other TensorFlow op (MultiWorkerMirroredStrategy's rule); the chief tracks for all workers.
+    distribution = distribute.prepare(strategy, workers, worker_index, config.batch_size,
+                                      single=model is not None or on_features)
+    if track and distribution.is_chief and mlflow.active_run() is None:
+        check_tracking_server()
+    data = load_data(config)
+    # A tuner trial has Keras Tuner's checkpoints; a VGG16 head retrains in seconds. Workers only read them.
     checkpointed = track and model is None and evaluate and not on_features
+    track, evaluate = track and distribution.is_chief, evaluate and distribution.is_chief
     active = mlflow.active_run()
     checkpoint = checkpoints.find(config, active.info.run_id if active else launched_run_id(),
                                   resume) if checkpointed else None
@@ -136,10 +142,11 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
     choice = None if checkpoint or model is not None else precision.for_training(config, data.spec)
     with open_run(config.dataset, checkpoint and checkpoint.run_id) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
-        if track:
-            callbacks = start_tracking(config, data, splits, callbacks, checkpoint, checkpointed, choice)
+        if track or checkpointed:
+            callbacks = run_logging.start_tracking(config, data, splits, callbacks, checkpoint, checkpointed, choice,
+                                                   distribution)
         model, history, served = fit_and_predict(config, data, splits, model, callbacks, initial_epoch,
-                                                 checkpoint, evaluate, choice)
+                                                 checkpoint, evaluate, choice, distribution)
         if not evaluate:
             return TrainResult(run_id, None, None, model, history)
         accuracy, loss = fit.score_predictions(data.test.labels, served.probabilities)
@@ -150,36 +157,15 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
             run_logging.log_gradcam(model, data, served.probabilities)
         if checkpointed:
             checkpoints.remove(run_id)
+    distribution.barrier()  # the other workers wait for the chief to finish (see Distribution.finish)
     print(f"test_accuracy={accuracy:.4f} test_loss={loss:.4f} run_id={run_id}", flush=True)
     return TrainResult(run_id, accuracy, loss, model, history)
 
 
-def start_tracking(config: TrainConfig, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed,
-                   choice) -> list:
-    """Log what a new run records at its start (a resumed run: its missing epochs); returns the callbacks
-    that log and checkpoint each epoch, ahead of the caller's."""
-    import mlflow
-
-    from experiments import run_logging
-
-    run_id = mlflow.active_run().info.run_id
-    if checkpoint:
-        print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)
-        mlflow.set_tag("resumed_after_epoch", checkpoint.epoch)
-        checkpoints.log_missing_epochs(checkpoint)
-        return [checkpoints.callback(run_id, config, checkpoint.history),
-                run_logging.EpochLogger(log_summary=False), *callbacks]
-    run_logging.log_run_start(config, data, config.training_recipe(), splits, choice)
-    # The checkpoint callback comes first: an epoch is saved before anything else sees it. Then MLflow's
-    # per-epoch logging (the model is logged at the end, with a uint8 signature).
-    saved = [checkpoints.callback(run_id, config)] if checkpointed else []
-    return [*saved, run_logging.EpochLogger(), *callbacks]
-
-
 def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, callbacks: list,
-                    initial_epoch: int, checkpoint, evaluate: bool, choice) -> tuple:
+                    initial_epoch: int, checkpoint, evaluate: bool, choice, distribution) -> tuple:
     """(model, history, its test predictions as calibration.Served or None): build or resume the model, fit
-    it, calibrate it and predict the test split."""
+    it under the distribution's strategy, calibrate it and predict the test split."""
     import keras
 
     from experiments import calibration, fit
@@ -196,24 +182,27 @@ def fit_and_predict(config: TrainConfig, data: ImageData, splits: tuple, model, 
     spec, entry = data.spec, get_model_entry(config.arch)
     if entry.recipe.features == "vgg16":
         return fit_vgg16_head(config, data, spec, callbacks, choice.policy)
-    if checkpoint:
-        model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
-    elif model is None:
-        model = create_model(config.arch, spec, choice.policy, **config.options)
-        if entry.prepare:  # e.g. airbench's patch whitening, set from training images
-            entry.prepare(model, splits[0][0])
-    model_callbacks = entry.callbacks(model) if entry.callbacks else []
-    history = fit.fit(model, config, data, splits, [*callbacks, *model_callbacks], initial_epoch,
-                      compiled=checkpoint is not None)
+    with distribution.scope():
+        if checkpoint:
+            model, initial_epoch = checkpoint.load_model(), checkpoint.epoch
+        elif model is None:
+            model = create_model(config.arch, spec, choice.policy, **config.options)
+            if entry.prepare:  # e.g. airbench's patch whitening, set from training images
+                entry.prepare(model, splits[0][0])
+        model_callbacks = entry.callbacks(model) if entry.callbacks else []
+        history = fit.fit(model, config, data, splits, [*callbacks, *model_callbacks], initial_epoch,
+                          compiled=checkpoint is not None)
     if checkpoint:  # the whole run's curves, for the plots
         history = {k: v[: checkpoint.epoch] + history.get(k, []) for k, v in checkpoint.history.items()}
+    model = distribution.finish(model)  # on every worker: it saves a copy, a collective op
     if not evaluate:
         return model, history, None
     model, served = calibration.served_model(model, config, data, splits)
     return model, history, served
 
 
-def parse_args(argv=None) -> tuple[TrainConfig, bool]:
+def parse_args(argv=None) -> tuple[TrainConfig, dict]:
+    """The config, and train()'s `resume`, `strategy`, `workers` and `worker_index`."""
     parser = argparse.ArgumentParser(prog="python -m experiments.train", description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True, help=f"one of: {', '.join(list_datasets())}")
     parser.add_argument("--arch", default="", help=f"one of: {', '.join(architecture_names())} (default: the dataset's "
@@ -221,16 +210,17 @@ def parse_args(argv=None) -> tuple[TrainConfig, bool]:
     add_config_flags(parser, TrainConfig, skip=("dataset", "arch"))
     parser.add_argument("--resume", type=boolean, default=False,
                         help="continue the newest killed run of these settings from its last finished epoch")
+    distribute.add_flags(parser)
     args = vars(parser.parse_args(argv))
-    resume = args.pop("resume")
+    run_options = {name: args.pop(name) for name in ("resume", "strategy", "workers", "worker_index")}
     args["arch"] = args["arch"] or default_arch(args["dataset"])
-    return TrainConfig(**args), resume
+    return TrainConfig(**args), run_options
 
 
 def main(argv=None) -> int:
     def body():
-        config, resume = parse_args(argv)
-        train(config, resume=resume)
+        config, run_options = parse_args(argv)
+        train(config, **run_options)
 
     return run_main(body)
 
