@@ -74,7 +74,11 @@ def launch(workers: int, train_args: list[str], host: str = "127.0.0.1") -> int:
         if failed:
             stop()
             for process in processes:
-                process.wait()
+                try:
+                    process.wait(timeout=30)
+                except subprocess.TimeoutExpired:  # stuck in a collective op that will never finish
+                    process.kill()
+                    process.wait()
             index = failed[0]
             raise UserError(f"worker {index} ({addresses[index]}) exited with code {codes[index]}; stopped the "
                             "others. Fix its error above, then rerun with --resume true to continue", max(1, codes[index]))

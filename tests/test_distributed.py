@@ -4,7 +4,6 @@ run resumed in the same run."""
 
 from __future__ import annotations
 
-import os
 import re
 import signal
 import subprocess
@@ -13,6 +12,7 @@ import time
 
 import mlflow
 import numpy as np
+import psutil
 import pytest
 from conftest import PROJECT_ROOT, make_npz, python_env
 
@@ -68,20 +68,28 @@ def test_two_workers_train_as_one_run_with_equal_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_a_killed_two_worker_run_resumes_in_the_same_run(tmp_path):
+def test_a_killed_worker_stops_the_launcher_and_the_run_resumes_in_the_same_run(tmp_path):
+    """A worker dies (SIGKILL) after the first checkpoint: the launcher stops the chief and exits non-zero
+    with one line; `--resume true` then finishes the same run, no epoch lost or logged twice."""
     epochs = 4
     make_npz(tmp_path / "mnist.npz", n_train=96, n_test=16)
-    process = subprocess.Popen(launcher(tmp_path, epochs), cwd=PROJECT_ROOT, env=python_env(),
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
-    deadline = time.time() + 400
-    while not list(checkpoints.root().glob(f"*/{checkpoints.PREFIX}*")):
-        assert process.poll() is None and time.time() < deadline, "training ended before its first epoch was saved"
-        time.sleep(0.02)
-    os.killpg(process.pid, signal.SIGKILL)  # the launcher and both workers
-    process.wait()
+    with open(tmp_path / "launcher.err", "w") as errors:
+        process = subprocess.Popen(launcher(tmp_path, epochs), cwd=PROJECT_ROOT, env=python_env(),
+                                   stdout=subprocess.DEVNULL, stderr=errors)
+        deadline = time.time() + 400
+        while not list(checkpoints.root().glob(f"*/{checkpoints.PREFIX}*")):
+            assert process.poll() is None and time.time() < deadline, "training ended before its first epoch was saved"
+            time.sleep(0.02)
+        workers = {child.cmdline()[-1]: child for child in psutil.Process(process.pid).children()}
+        workers["1"].send_signal(signal.SIGKILL)
+        assert process.wait(timeout=120) == 1
+        assert not workers["0"].is_running() or workers["0"].status() == psutil.STATUS_ZOMBIE  # the chief stopped
+    [line] = [line for line in (tmp_path / "launcher.err").read_text().splitlines() if line.startswith("error:")]
+    assert re.fullmatch(r"error: worker 1 \(127\.0\.0\.1:\d+\) exited with code -9; stopped the others\. .*--resume "
+                        r"true to continue", line), line
 
     (run,) = mlflow.search_runs(search_all_experiments=True, output_format="list")
-    assert run.info.status == "RUNNING"
+    assert run.info.status != "FINISHED"
     saved = checkpoints.latest(checkpoints.root() / run.info.run_id)
     assert 1 <= saved.epoch < epochs
 
@@ -127,3 +135,16 @@ def test_the_launcher_refuses_what_it_sets_and_a_bad_batch_in_one_line(tiny_npz_
         launch(2, ["--dataset", "mnist", "--data-dir", str(tiny_npz_dir), "--batch-size", "15"])
     with pytest.raises(UserError, match="--workers must be at least 1, got 0"):
         launch(0, ["--dataset", "mnist"])
+
+
+def test_mirrored_trains_in_one_run_on_this_machines_devices(tiny_npz_dir):
+    """`mirrored` on a machine without GPUs: MirroredStrategy over its one CPU device, tracked as usual."""
+    result = train(dataset="mnist", arch="cnn_simple", epochs=1, batch_size=16, data_dir=str(tiny_npz_dir),
+                   strategy="mirrored")
+    run = mlflow.get_run(result.run_id)
+    assert run.info.status == "FINISHED" and 0 <= result.test_accuracy <= 1
+    assert {k: run.data.params[k] for k in ("strategy", "strategy_built", "num_workers", "replicas",
+                                            "per_replica_batch_size")} == {
+        "strategy": "mirrored", "strategy_built": "mirrored", "num_workers": "1", "replicas": "1",
+        "per_replica_batch_size": "16"}
+    assert steps(result.run_id, "loss") == [0]
