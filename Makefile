@@ -20,7 +20,7 @@ tune: install  ## a Keras Tuner search on CIFAR-10 (ARGS="-P tuner=bayesian -P m
 	mlflow run . -e tune_cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
 
 test: install  ## every tier
-	python -m pytest -q -n 2 --durations=15 tests
+	python -m pytest -q -n 2 --durations=40 tests
 
 test-fast: install  ## the fast tier, about 2 minutes
 	python -m pytest -q -n 2 -m "not slow" tests
