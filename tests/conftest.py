@@ -284,3 +284,9 @@ def with_predictions(run_id: str, labels: np.ndarray, correct: np.ndarray, num_c
         client.log_artifact(run_id, str(path), "evaluation")
     client.log_metric(run_id, "test_accuracy", float(correct.mean()), step=1)
     return run_id
+
+
+def pytest_collection_modifyitems(items):
+    """The slow tier first (in file order, as before): with two xdist workers the long tests start early and
+    the short ones fill the end, instead of one worker idling while the other finishes a long test."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is None)

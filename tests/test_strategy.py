@@ -106,3 +106,15 @@ def test_two_workers_share_each_epoch_without_seeing_an_image_twice():
         assert not set(first) & set(second) and sorted(first + second) == list(range(101))
         assert abs(len(first) - len(second)) <= 1  # an even share
     assert seen[0, 0] != seen[0, 1]  # reshuffled each epoch, the same way on both workers
+
+
+def test_on_faked_gpus_auto_mirrors_and_trains_in_float16_without_timing_anything():
+    """The GPU path none of our machines can run: with 2 GPUs, `auto` picks MirroredStrategy and
+    precision `auto` picks float16 (issue 10), choosing without a timing."""
+    from experiments import precision
+
+    def no_timing(policy):
+        raise AssertionError("a GPU's precision is not measured")
+
+    assert strategy.choose("auto", 2) == "mirrored"
+    assert precision.choose("auto", "net 32x32x3, batch 128", no_timing, gpus=2).precision == "float16"
