@@ -41,6 +41,8 @@ def worker_addresses(workers: int, host: str) -> list[str]:
 
 def launch(workers: int, train_args: list[str], host: str = "127.0.0.1") -> int:
     """Start `workers` training processes, wait for all; the chief's exit code, or a failed worker's."""
+    from experiments import precision
+    from experiments.datasets import load_data
     from experiments.train import parse_args
 
     if workers < 1:
@@ -51,6 +53,9 @@ def launch(workers: int, train_args: list[str], host: str = "127.0.0.1") -> int:
     config, _ = parse_args(train_args)
     config.validate()  # a bad setting fails once, here, not once per worker
     check_batch(config.batch_size, workers)
+    # Decoded and the precision chosen once, here (`auto` measures and caches it): the workers, which share
+    # this machine's cache, then train in the same precision instead of timing each other's load.
+    precision.for_training(config, load_data(config).spec)
     addresses = worker_addresses(workers, host)
     print(f"training {config.arch} on {config.dataset} on {workers} workers: {', '.join(addresses)} "
           "(worker 0 is the chief)", flush=True)
