@@ -56,8 +56,8 @@ def benchmark(name: str, description: str):
 def load_all() -> None:
     """Import every benchmark module: they register themselves."""
     from benchmarks import (  # noqa: F401
-        ablation, cpu, determinism, distributed, evaluation, overhead, pipeline, precision, recipes, runs, serving, serving_ratio,
-        speed, trust,
+        ablation, cpu, determinism, distributed, evaluation, overhead, pipeline, precision, recipes, runs, serving,
+        serving_ratio, speed, trust,
     )
 
 

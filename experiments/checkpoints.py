@@ -52,6 +52,16 @@ def load_keras(path: Path):
     return keras.models.load_model(path, safe_mode=True, custom_objects=custom)
 
 
+def throwaway_save(model, load: bool = False):
+    """Save `model` into a temporary folder, deleted after; with `load`, the copy loaded back (else None).
+    Under MultiWorkerMirroredStrategy saving is a collective op: every worker saves when the chief does."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as folder:
+        model.save(Path(folder) / "model.keras")
+        return load_keras(Path(folder) / "model.keras") if load else None
+
+
 def latest(run_folder: Path) -> Checkpoint | None:
     """The last whole epoch saved for a run (staging folders of a killed save are ignored)."""
     epochs = sorted(p for p in run_folder.glob(f"{PREFIX}*") if p.name[len(PREFIX):].isdigit())
@@ -100,11 +110,8 @@ def remove(run_id: str) -> None:
 def callback(run_id: str | None, config, history: dict | None = None):
     """A Keras callback that saves each finished epoch; it must run before MLflow logs the epoch.
 
-    run_id None: a multi-worker training's other workers, whose saves are thrown away. Under
-    MultiWorkerMirroredStrategy saving is a collective op, so every worker saves when the chief does.
+    run_id None: a multi-worker training's other workers, whose saves are thrown away (`throwaway_save`).
     """
-    import tempfile
-
     import keras
 
     key = config_key(config)
@@ -116,8 +123,7 @@ def callback(run_id: str | None, config, history: dict | None = None):
 
         def on_epoch_end(self, epoch, logs=None):
             if run_id is None:
-                with tempfile.TemporaryDirectory() as folder:
-                    self.model.save(Path(folder) / "model.keras")
+                throwaway_save(self.model)
                 return
             for name, value in (logs or {}).items():
                 self.history.setdefault(name, []).append(float(value))

@@ -45,11 +45,9 @@ def pinned_requirements(packages=MODEL_PACKAGES) -> list[str]:
 def start_tracking(config, data: ImageData, splits: tuple, callbacks, checkpoint, checkpointed,
                    choice, distribution) -> list:
     """Log what a new run records at its start (a resumed run: its missing epochs); returns the callbacks
-    that log and checkpoint each epoch, ahead of the caller's. A worker other than the chief logs nothing."""
+    that log and checkpoint each epoch, ahead of the caller's."""
     import mlflow
 
-    if not distribution.is_chief:  # it saves when the chief does (a collective op), into a throwaway folder
-        return [checkpoints.callback(None, config), *callbacks]
     run_id = mlflow.active_run().info.run_id
     if checkpoint:
         print(f"resuming run {run_id} after epoch {checkpoint.epoch} of {config.epochs}", flush=True)

@@ -160,17 +160,13 @@ class Distribution:
         outside the strategy; saving it is a collective op too, hence on every worker."""
         if self.kind != "multi_worker":
             return model
-        import tempfile
-        from pathlib import Path
-
-        from experiments.checkpoints import load_keras
+        from experiments.checkpoints import throwaway_save
 
         print(f"worker {self.cluster.index} of {len(self.cluster.workers)}: training done, weights "
               f"{weights_digest(model)}", flush=True)
-        with tempfile.TemporaryDirectory() as folder:
-            model.save(Path(folder) / "model.keras")
-            if self.is_chief:
-                return load_keras(Path(folder) / "model.keras")
+        if self.is_chief:
+            return throwaway_save(model, load=True)
+        throwaway_save(model)
         self.barrier()  # until the chief has evaluated and logged: a worker leaving early alarms its coordinator
         return model
 

@@ -113,7 +113,6 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
 
     Every epoch is checkpointed. A run killed mid-training continues from its last finished epoch,
     in the same MLflow run: automatically under `mlflow run --run-id <id>`, or with `resume=True`.
-    Under `strategy="multi_worker"` (experiments/strategy.py) all workers train; the chief alone logs.
     """
     import mlflow
 
@@ -124,9 +123,8 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
     on_features = bool(config.training_recipe().features)
     if model is not None and on_features:
         raise UserError(f"{config.arch} trains on cached features and cannot take a prebuilt model")
-    # Before any other TensorFlow op (MultiWorkerMirroredStrategy's rule); the chief tracks for all workers.
-    distribution = distribute.prepare(strategy, workers, worker_index, config.batch_size,
-                                      single=model is not None or on_features)
+    # Before any other TensorFlow op (MultiWorkerMirroredStrategy's rule); multi_worker: the chief alone logs.
+    distribution = distribute.prepare(strategy, workers, worker_index, config.batch_size, model is not None or on_features)
     if track and distribution.is_chief and mlflow.active_run() is None:
         check_tracking_server()
     data = load_data(config)
@@ -142,9 +140,11 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
     choice = None if checkpoint or model is not None else precision.for_training(config, data.spec)
     with open_run(config.dataset, checkpoint and checkpoint.run_id) if track else contextlib.nullcontext():
         run_id = mlflow.active_run().info.run_id if track else None  # the run this training logs to
-        if track or checkpointed:
+        if track:
             callbacks = run_logging.start_tracking(config, data, splits, callbacks, checkpoint, checkpointed, choice,
                                                    distribution)
+        elif checkpointed:  # a worker: it saves when the chief does (a collective op), into a throwaway folder
+            callbacks = [checkpoints.callback(None, config), *callbacks]
         model, history, served = fit_and_predict(config, data, splits, model, callbacks, initial_epoch,
                                                  checkpoint, evaluate, choice, distribution)
         if not evaluate:
