@@ -46,16 +46,42 @@ def isolated_tracking(tmp_path, monkeypatch):
         mlflow.end_run()
 
 
+@pytest.fixture(scope="session")
+def machine_precision_timings(tmp_path_factory) -> Path:
+    """This test session's measured precision timings (`precision-<machine>.json`), kept as a user's cache
+    keeps them: each model scale is measured once per session, not once per test."""
+    return tmp_path_factory.mktemp("precision")
+
+
 @pytest.fixture(autouse=True)
-def fixed_precision_timings(request, monkeypatch):
-    """In-process runs with precision=auto choose float32 without timing anything: their figures stay the
-    same on every CPU, and no test pays the few seconds of measurement. Tests marked `measured_precision`
-    (and every subprocess) measure for real."""
+def fixed_precision_timings(request, monkeypatch, tmp_path, isolated_tracking, machine_precision_timings):
+    """In-process runs with precision=auto choose float32 without timing anything (in a cache of their
+    own): their figures stay the same on every CPU, and no test pays the few seconds of measurement.
+    Subprocesses measure for real, into the session's shared timings. Tests marked `measured_precision`
+    start from an empty cache and measure."""
     if request.node.get_closest_marker("measured_precision"):
+        yield
         return
+    import json
+    import shutil
+
     from experiments import precision
 
     monkeypatch.setattr(precision, "measure_both", lambda timer, rounds=2: {"float32": 1.0, "bfloat16": 2.0})
+    monkeypatch.setattr(precision, "cache_dir", lambda: tmp_path / "in-process-precision")
+    own = Path(os.environ["CNN_CACHE_DIR"])
+    own.mkdir(parents=True, exist_ok=True)
+    for shared in machine_precision_timings.glob("precision-*.json"):
+        shutil.copy(shared, own / shared.name)
+    yield
+    for measured in own.glob("precision-*.json"):
+        shared = machine_precision_timings / measured.name
+        try:
+            entries = json.loads(shared.read_text()) if shared.exists() else {}
+            entries.update(json.loads(measured.read_text()))
+        except (OSError, ValueError, TypeError):  # a test that damaged its cache on purpose
+            continue
+        shared.write_text(json.dumps(entries))
 
 
 def make_npz(path: Path, n_train=60, n_test=20, shape=(28, 28), classes=3, seed=0) -> Path:

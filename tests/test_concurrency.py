@@ -1,5 +1,5 @@
-"""Three tuner workers and two training runs at once against one `mlflow server`, then a promotion:
-nothing lost, no locks, and the champion served from the server's proxied artifact store."""
+"""Three tuner workers and two training runs at once against one `mlflow server`: nothing lost, no locks;
+then, on PostgreSQL, a promotion, and the champion served from the server's proxied artifact store."""
 
 from __future__ import annotations
 
@@ -56,6 +56,8 @@ def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tin
             assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "accuracy")) == list(range(EPOCHS))
         assert all(r.info.status == "FINISHED" for r in runs)
 
+        if backend == "sqlite":  # the registry on a shared server is the team setup's, PostgreSQL's
+            return
         # The registry on the same server: the best of the trainings and the search's retrained best.
         promoted = subprocess.run([sys.executable, "-m", "registry.promote", "--dataset", "cifar10"], cwd=PROJECT_ROOT,
                                   env=env, capture_output=True, text=True, timeout=600)

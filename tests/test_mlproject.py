@@ -78,10 +78,11 @@ def test_conda_env_matches_pinned_requirements():
 
 
 @pytest.mark.slow
-def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
+def test_mlflow_run_end_to_end_with_architecture_options_and_recipe_changes_as_json(tiny_npz_dir, isolated_tracking):
     proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local",
-         "-P", "limit=30", "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_dir={tiny_npz_dir}"],
+        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local", "-P", "arch=convnet",
+         "-P", "limit=30", "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_dir={tiny_npz_dir}",
+         "-P", 'options={"kernel_size": 5, "batch_norm": true}', "-P", 'recipe={"optimizer": "sgd"}'],
         cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=600,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -91,8 +92,13 @@ def test_mlflow_run_end_to_end(tiny_npz_dir, isolated_tracking):
     assert run.info.status == "FINISHED"
     assert 0.0 <= run.data.metrics["test_accuracy"] <= 1.0
     assert "accuracy" in run.data.metrics  # the per-epoch logging was not skipped by a param clash
-    assert run.data.params["limit"] == "30" and run.data.params["num_train"] == "30"
-    assert run.data.tags["dataset"] == "mnist" and run.data.tags["arch"] == "cnn_simple"
+    params = run.data.params
+    assert params["limit"] == "30" and params["num_train"] == "30"
+    assert run.data.tags["dataset"] == "mnist" and run.data.tags["arch"] == "convnet"
+    assert (params["options.kernel_size"], params["options.batch_norm"], params["recipe.optimizer"]) == ("5", "true", "sgd")
+    # One learning rate per epoch, the recipe's (test_recipes checks the recipe builds SGD).
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
+    assert [(m.step, round(m.value, 6)) for m in history] == [(0, float(params["recipe.learning_rate"]))]
     # `mlflow run` made the experiment; the training still has the UI open it in the model-training view.
     assert mlflow.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"
     assert {"plots/confusion_matrix.png", "plots/learning_curves.png"} <= artifact_paths(run.info.run_id)
@@ -154,23 +160,6 @@ def test_mlflow_run_with_the_virtualenv_env_manager_builds_from_conda_yaml(tiny_
     assert run.info.status == "FINISHED" and "test_accuracy" in run.data.metrics
     # It ran in the environment MLflow built, not in this interpreter's.
     assert str(tmp_path / "envs") in proc.stderr, proc.stderr[-3000:]
-
-
-@pytest.mark.slow
-def test_mlflow_run_passes_architecture_options_and_recipe_changes_as_json(tiny_npz_dir, isolated_tracking):
-    proc = subprocess.run(
-        [sys.executable, "-m", "mlflow", "run", ".", "-e", "mnist", "--env-manager", "local", "-P", "arch=convnet",
-         "-P", "limit=30", "-P", "epochs=1", "-P", "batch_size=8", "-P", f"data_dir={tiny_npz_dir}",
-         "-P", 'options={"kernel_size": 5, "batch_norm": true}', "-P", 'recipe={"optimizer": "sgd"}'],
-        cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=600,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    run = mlflow.search_runs(search_all_experiments=True, output_format="list")[0]
-    params = run.data.params
-    assert (params["options.kernel_size"], params["options.batch_norm"], params["recipe.optimizer"]) == ("5", "true", "sgd")
-    # One learning rate per epoch, the recipe's (test_recipes checks the recipe builds SGD).
-    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "learning_rate")
-    assert [(m.step, round(m.value, 6)) for m in history] == [(0, float(params["recipe.learning_rate"]))]
 
 
 @pytest.mark.slow

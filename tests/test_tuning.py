@@ -309,7 +309,7 @@ def test_images_too_small_for_the_space_fail_in_one_line(tmp_path, capsys):
 def test_resume_after_sigkill_keeps_finished_trials_and_duplicates_nothing(tmp_path, isolated_tracking):
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    make_npz(data_dir / "cifar10.npz", n_train=600, n_test=60, shape=(32, 32, 3), classes=3)
+    make_npz(data_dir / "cifar10.npz", n_train=300, n_test=30, shape=(32, 32, 3), classes=3)
     command = [sys.executable, "-m", "tuning.search", "--dataset", "cifar10", "--tuner", "random",
                "--max-trials", "4", "--max-epochs", "4", "--patience", "10", "--data-dir", str(data_dir),
                "--search-name", "resumable"]
