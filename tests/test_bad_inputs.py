@@ -251,6 +251,9 @@ def fill(folder: Path) -> None:
 
 @pytest.mark.slow
 def test_a_full_cache_costs_checkpoints_and_caches_never_the_run(tmp_path, monkeypatch, tiny_npz_dir, capsys):
+    from experiments import cache as caches, precision
+
+    monkeypatch.setattr(precision, "cache_dir", caches.cache_dir)  # its timings too go into the full cache
     with tmpfs(tmp_path / "full", "96k") as cache:
         monkeypatch.setenv("CNN_CACHE_DIR", str(cache))
         result = train(dataset="mnist", arch="cnn_simple", epochs=2, batch_size=16, data_dir=str(tiny_npz_dir))
