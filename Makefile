@@ -26,4 +26,4 @@ test-fast: install  ## the fast tier, about 2 minutes
 	python -m pytest -q -n 2 -m "not slow" tests
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
-	mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -167,7 +167,8 @@ class TrackingServer:
         self.folder, self.port = folder, free_port()
         self.backend_uri = backend_uri or f"sqlite:///{folder / 'server.db'}"
         self.uri = f"http://127.0.0.1:{self.port}"
-        self.app_name, self.env = app_name, env or {}
+        # As scripts/server.sh runs it: without MLflow's job runner (7 huey consumers, half a core while idle).
+        self.app_name, self.env = app_name, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
         self.process = None
 
     def start(self) -> "TrackingServer":
