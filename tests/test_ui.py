@@ -134,8 +134,8 @@ def coloured_pixels(png: bytes) -> int:
 
 def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromium(tmp_path, monkeypatch, browser):
     started = time.time()
-    # No telemetry, and no job-runner processes (7 huey consumers, for GenAI jobs): the UI needs neither.
-    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true", "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    # No telemetry (TrackingServer already leaves out the job runner): the UI needs neither.
+    quiet = {"MLFLOW_DISABLE_TELEMETRY": "true"}
     server = TrackingServer(tmp_path / "server", env=quiet).start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
