@@ -20,12 +20,37 @@ SHARED_DATA = Path(os.environ.get("CNN_DATA_DIR") or PROJECT_ROOT.parent / "shar
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 
+@pytest.fixture(scope="session")
+def empty_store(tmp_path_factory) -> Path:
+    """An empty sqlite store, made once per session: a new store runs MLflow's schema migrations (2-4 s
+    here), and most tests open one. Each test gets a copy (`fresh_store`)."""
+    import mlflow
+
+    folder = tmp_path_factory.mktemp("empty-store")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("_MLFLOW_SERVER_ARTIFACT_ROOT", str(folder / "artifacts"))
+        mlflow.MlflowClient(f"sqlite:///{folder / 'mlflow.db'}").search_experiments()
+    return folder / "mlflow.db"
+
+
+def fresh_store(template: Path, path: Path, artifact_location: str) -> str:
+    """A copy of the empty store at `path`, its Default experiment's artifacts at `artifact_location`
+    (where MLflow would have put them); returns its URI."""
+    import shutil
+    import sqlite3
+
+    shutil.copyfile(template, path)
+    with contextlib.closing(sqlite3.connect(path)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE experiment_id = 0", (artifact_location,))
+    return f"sqlite:///{path}"
+
+
 @pytest.fixture(autouse=True)
-def isolated_tracking(tmp_path, monkeypatch):
+def isolated_tracking(tmp_path, monkeypatch, empty_store):
     """Every test gets its own sqlite store and cache; nothing touches the user's mlflow.db."""
     import mlflow
 
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    uri = fresh_store(empty_store, tmp_path / "mlflow.db", str(tmp_path / "artifacts" / "0"))
     monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
     monkeypatch.setenv("CNN_CACHE_DIR", str(tmp_path / "cache"))
     monkeypatch.setenv("CNN_TUNER_DIR", str(tmp_path / "tuner"))
