@@ -26,7 +26,7 @@ def status(url: str, user: str = "", password: str = "") -> int:
 
 
 @pytest.mark.slow
-def test_the_basic_auth_server_refuses_unauthenticated_requests(tmp_path, monkeypatch):
+def test_the_basic_auth_server_refuses_unauthenticated_requests(tmp_path, monkeypatch, empty_store):
     config = tmp_path / "basic_auth.ini"
     config.write_text(
         "[mlflow]\ndefault_permission = READ\n"
@@ -36,7 +36,7 @@ def test_the_basic_auth_server_refuses_unauthenticated_requests(tmp_path, monkey
     )
     server = TrackingServer(tmp_path / "server", app_name="basic-auth",
                             env={"MLFLOW_AUTH_CONFIG_PATH": str(config),
-                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-only-secret"}).start()
+                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-only-secret"}, template=empty_store).start()
     try:
         search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert status(search) == 401

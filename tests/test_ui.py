@@ -132,11 +132,12 @@ def coloured_pixels(png: bytes) -> int:
                    if max(r, g, b) - min(r, g, b) > 80)
 
 
-def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromium(tmp_path, monkeypatch, browser):
+def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromium(tmp_path, monkeypatch, browser,
+                                                                                    empty_store):
     started = time.time()
     # No telemetry (TrackingServer already leaves out the job runner): the UI needs neither.
     quiet = {"MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = TrackingServer(tmp_path / "server", env=quiet).start()
+    server = TrackingServer(tmp_path / "server", env=quiet, template=empty_store).start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         # System metrics every 0.5 s (the project's default is 2 s): the few seconds of the tiny run get samples.
