@@ -120,24 +120,29 @@ def plot_misclassified(images: np.ndarray, labels, predictions, confidences, cla
     """A grid of up to `limit` wrong test predictions, the most confident mistakes first."""
     wrong = np.flatnonzero(labels != predictions)
     wrong = wrong[np.argsort(-confidences[wrong])][:limit]
-    cols = 5
-    rows = max(1, int(np.ceil(len(wrong) / cols)))
-    # One image of tiles on one axes, not an axes per image: 0.5-1.0 s to draw and save where 25 axes
-    # took 2.1 s, a cost every tracked run pays (see tracking_overhead in BENCHMARKS.md).
-    height, width, channels = images.shape[1:] if len(wrong) else (32, 32, 1)
+    captions = [f"true {class_names[labels[i]]}\npred {class_names[predictions[i]]} {confidences[i]:.0%}" for i in wrong]
+    title = "Most confident mistakes" if len(wrong) else "no misclassified test images"
+    return captioned_tiles(images[wrong], captions, cols=5, tile_inches=(2.2, 2.5), title=title, fontsize=8)
+
+
+def captioned_tiles(tiles: np.ndarray, captions: list[str], cols: int, tile_inches: tuple, title: str, fontsize: int):
+    """`tiles` (N, H, W, C uint8) in a grid on one axes, each under its caption. One image of tiles, not an
+    axes per tile: 0.5-1.0 s to draw and save where 25 axes took 2.1 s, a cost every tracked run pays (see
+    tracking_overhead in BENCHMARKS.md)."""
+    rows = max(1, int(np.ceil(len(tiles) / cols)))
+    height, width, channels = tiles.shape[1:] if len(tiles) else (32, 32, 1)
     gap, caption = max(2, width // 8), height // 2  # white space between tiles, and above each for its caption
     cell_height, cell_width = height + caption, width + gap
     canvas = np.full((rows * cell_height, cols * cell_width, channels), 255, np.uint8)
-    fig, ax = plt.subplots(figsize=(2.2 * cols, 2.5 * rows))
-    for k, i in enumerate(wrong):
+    fig, ax = plt.subplots(figsize=(tile_inches[0] * cols, tile_inches[1] * rows))
+    for k, (tile, text) in enumerate(zip(tiles, captions)):
         top, left = (k // cols) * cell_height + caption, (k % cols) * cell_width
-        canvas[top : top + height, left : left + width] = images[i]
-        ax.text(left + width / 2, top - 1, f"true {class_names[labels[i]]}\npred {class_names[predictions[i]]} "
-                f"{confidences[i]:.0%}", ha="center", va="bottom", fontsize=8)
+        canvas[top : top + height, left : left + width] = tile
+        ax.text(left + width / 2, top - 1, text, ha="center", va="bottom", fontsize=fontsize)
     ax.imshow(canvas[..., 0] if channels == 1 else canvas, cmap="gray" if channels == 1 else None,
               interpolation="nearest")
     ax.axis("off")
-    ax.set_title("Most confident mistakes" if len(wrong) else "no misclassified test images")
+    ax.set_title(title, fontsize=fontsize + 1)
     fig.subplots_adjust(left=0.01, right=0.99, bottom=0.01, top=0.95)
     return fig
 
@@ -168,20 +173,12 @@ def plot_reliability(bins: dict, uncalibrated: dict | None = None, temperature: 
 
 
 def plot_gradcam(images: np.ndarray, heatmaps: np.ndarray, labels, predicted, class_names, wrong: int):
-    """Grad-CAM heatmaps over test images, in two rows of tiles: the first `wrong` misclassified, then
-    correct ones; each captioned with its true and predicted class."""
-    cols = 8
-    rows = max(1, int(np.ceil(len(images) / cols)))
-    fig, axes = plt.subplots(rows, cols, figsize=(1.7 * cols, 2.0 * rows), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k >= len(images):
-            continue
-        image = images[k]
-        ax.imshow(image[..., 0] if image.shape[-1] == 1 else image, cmap="gray" if image.shape[-1] == 1 else None)
-        ax.imshow(heatmaps[k], cmap="jet", alpha=0.45, vmin=0, vmax=1)
-        mark = "wrong" if k < wrong else "right"
-        ax.set_title(f"{mark}: true {class_names[labels[k]]}\npred {class_names[predicted[k]]}", fontsize=7)
-    fig.suptitle("Grad-CAM of the predicted class (red: what the network looked at)", fontsize=9)
-    fig.tight_layout()
-    return fig
+    """Grad-CAM heatmaps over test images, in rows of 8 tiles: the first `wrong` misclassified, then correct
+    ones; each captioned with its true and predicted class."""
+    rgb = np.repeat(images, 3, axis=-1) if images.shape[-1] == 1 else images
+    colours = matplotlib.colormaps["jet"](np.clip(heatmaps, 0, 1))[..., :3]  # (N, H, W, 3) in [0, 1]
+    tiles = (0.55 * rgb + 0.45 * 255 * colours).round().astype(np.uint8)
+    captions = [f"{'wrong' if k < wrong else 'right'}: true {class_names[labels[k]]}\npred {class_names[predicted[k]]}"
+                for k in range(len(images))]
+    return captioned_tiles(tiles, captions, cols=8, tile_inches=(1.7, 2.0), fontsize=7,
+                           title="Grad-CAM of the predicted class (red: what the network looked at)")
