@@ -20,10 +20,10 @@ tune: install  ## a Keras Tuner search on CIFAR-10 (ARGS="-P tuner=bayesian -P m
 	mlflow run . -e tune_cifar10 --env-manager local --experiment-name cifar10 $(ARGS)
 
 test: install  ## every tier
-	python -m pytest -q -n 2 --durations=40 tests
+	python -m pytest -q -n 2 --dist worksteal --durations=40 tests
 
 test-fast: install  ## the fast tier, about 2 minutes
-	python -m pytest -q -n 2 -m "not slow" tests
+	python -m pytest -q -n 2 --dist worksteal -m "not slow" tests
 
 ui: install  ## the MLflow UI on http://127.0.0.1:5000
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false mlflow ui --backend-store-uri sqlite:///mlflow.db --host 127.0.0.1 --port 5000

@@ -342,6 +342,10 @@ def with_predictions(run_id: str, labels: np.ndarray, correct: np.ndarray, num_c
 
 
 def pytest_collection_modifyitems(items):
-    """The slow tier first (in file order, as before): with two xdist workers the long tests start early and
-    the short ones fill the end, instead of one worker idling while the other finishes a long test."""
-    items.sort(key=lambda item: item.get_closest_marker("slow") is None)
+    """The longest tests first, by their last recorded times (tests/durations.json, scripts/test_durations.py),
+    a slow test not yet recorded before the fast tier: `make test`'s two work-stealing xdist workers then
+    end together, on short tests, instead of one idling while the other finishes a long one."""
+    import json
+
+    recorded = json.loads((Path(__file__).parent / "durations.json").read_text())
+    items.sort(key=lambda item: -recorded.get(item.nodeid, 30.0 if item.get_closest_marker("slow") else 0.5))
