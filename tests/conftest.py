@@ -187,13 +187,12 @@ class TrackingServer:
     """A real `mlflow server` on loopback with a sqlite store and proxied artifacts; stop() and start()
     again bring it back on the same port and store, as after an outage."""
 
-    def __init__(self, folder: Path, backend_uri: str | None = None, app_name: str = "", env: dict | None = None,
-                 template: Path | None = None):
+    def __init__(self, folder: Path, template: Path, backend_uri: str | None = None, app_name: str = "",
+                 env: dict | None = None):
         folder.mkdir(parents=True, exist_ok=True)
         self.folder, self.port = folder, free_port()
-        # A sqlite store copied from `template` (the session's empty store) if given, else one made by the server.
-        self.backend_uri = backend_uri or (fresh_store(template, folder / "server.db", "mlflow-artifacts:/0")
-                                           if template else f"sqlite:///{folder / 'server.db'}")
+        # Without `backend_uri`: a sqlite store copied from `template`, the session's empty store.
+        self.backend_uri = backend_uri or fresh_store(template, folder / "server.db", "mlflow-artifacts:/0")
         self.uri = f"http://127.0.0.1:{self.port}"
         # As scripts/server.sh runs it: without MLflow's job runner (7 huey consumers, half a core while idle).
         self.app_name, self.env = app_name, {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **(env or {})}
@@ -233,7 +232,7 @@ class TrackingServer:
 
 @pytest.fixture
 def tracking_server(tmp_path, empty_store):
-    server = TrackingServer(tmp_path / "server", template=empty_store).start()
+    server = TrackingServer(tmp_path / "server", empty_store).start()
     try:
         yield server
     finally:

@@ -18,7 +18,7 @@ EPOCHS = 3
 @pytest.mark.slow
 def test_tuner_workers_and_training_runs_share_one_server(backend, tmp_path, tiny_cifar, request, empty_store):
     store = request.getfixturevalue("postgres_uri") if backend == "postgresql" else None
-    server = TrackingServer(tmp_path / "server", backend_uri=store, template=empty_store).start()
+    server = TrackingServer(tmp_path / "server", empty_store, backend_uri=store).start()
     try:
         env = {**python_env(), "MLFLOW_TRACKING_URI": server.uri}
         logs = {}

@@ -34,9 +34,9 @@ def test_the_basic_auth_server_refuses_unauthenticated_requests(tmp_path, monkey
         f"admin_username = admin\nadmin_password = {ADMIN_PASSWORD}\n"
         "authorization_function = mlflow.server.auth:authenticate_request_basic_auth\n"
     )
-    server = TrackingServer(tmp_path / "server", app_name="basic-auth",
+    server = TrackingServer(tmp_path / "server", empty_store, app_name="basic-auth",
                             env={"MLFLOW_AUTH_CONFIG_PATH": str(config),
-                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-only-secret"}, template=empty_store).start()
+                                 "MLFLOW_FLASK_SERVER_SECRET_KEY": "a-test-only-secret"}).start()
     try:
         search = f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1"
         assert status(search) == 401

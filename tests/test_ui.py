@@ -137,7 +137,7 @@ def test_mlflow_ui_shows_the_run_the_search_and_the_champion_in_headless_chromiu
     started = time.time()
     # No telemetry (TrackingServer already leaves out the job runner): the UI needs neither.
     quiet = {"MLFLOW_DISABLE_TELEMETRY": "true"}
-    server = TrackingServer(tmp_path / "server", env=quiet, template=empty_store).start()
+    server = TrackingServer(tmp_path / "server", empty_store, env=quiet).start()
     try:
         monkeypatch.setenv("MLFLOW_TRACKING_URI", server.uri)
         # System metrics every 0.5 s (the project's default is 2 s): the few seconds of the tiny run get samples.
