@@ -10,7 +10,7 @@ A killed training resumes with the same command and `--resume true`.
 On several machines, run `python -m experiments.train ... --strategy multi_worker --workers
 host1:port,host2:port --worker-index N` on each (the same list everywhere, the chief's first), with
 MLFLOW_TRACKING_URI pointing at a shared server and CNN_CACHE_DIR on a filesystem every machine
-mounts (the chief's checkpoints are read by every worker to resume). See the README.
+mounts (the chief's checkpoints are read by every worker to resume). See docs/distributed.md.
 """
 
 from __future__ import annotations

@@ -9,7 +9,7 @@
 # CNN_PG_DB (mlflow), CNN_PG_USER (mlflow), CNN_PG_PASSWORD (mlflow), CNN_ARTIFACTS (./mlartifacts),
 # CNN_PG_CREATEDB=1 lets the user create databases (the tests' throwaway ones),
 # CNN_SERVER_AUTH=1 for MLflow's basic-auth app (also set MLFLOW_FLASK_SERVER_SECRET_KEY and
-# MLFLOW_AUTH_CONFIG_PATH, an ini with admin_password; see the README's team setup).
+# MLFLOW_AUTH_CONFIG_PATH, an ini with admin_password; see docs/operations.md).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
