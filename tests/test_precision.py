@@ -93,6 +93,21 @@ def test_each_precision_keeps_its_best_round():
     assert timings == {"float32": 0.10, "bfloat16": 0.12}
 
 
+def test_a_clear_first_round_is_not_repeated_past_the_budget(monkeypatch):
+    """Where one precision is emulated (14 s a step here, 8x float32), a second round would only repeat
+    the verdict; a close first round is repeated whatever it costs."""
+    monkeypatch.setattr(precision, "MEASURE_BUDGET_SECONDS", 0.0)  # every first round is over budget
+
+    def measure(float32: list, bfloat16: list) -> tuple[dict, int]:
+        rounds = {"float32": iter(float32), "mixed_bfloat16": iter(bfloat16)}
+        calls = []
+        timings = precision.measure_both(lambda policy: lambda: calls.append(policy) or next(rounds[policy]))
+        return timings, len(calls)
+
+    assert measure([1.0, 1.0], [8.0, 0.5]) == ({"float32": 1.0, "bfloat16": 8.0}, 2)  # one round each
+    assert measure([1.0, 1.0], [1.5, 0.5]) == ({"float32": 1.0, "bfloat16": 0.5}, 4)  # too close: two
+
+
 def test_a_gpu_takes_float16_and_a_set_precision_is_kept_without_measuring():
     calls = []
     gpu = precision.choose("auto", "net", stub_timer({}, calls), gpus=2)
