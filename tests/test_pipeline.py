@@ -20,7 +20,8 @@ def test_main_entry_point_runs_every_step_as_a_child_run(tmp_path):
     report = tmp_path / "reports"
     command = ["mlflow", "run", ".", "-e", "main", "--env-manager", "local", "--experiment-name", "tutorial",
                "-P", f"data_dir={data}", "-P", "datasets=cifar10", "-P", "epochs=1", "-P", "limit=0",
-               "-P", "trials=2", "-P", f"output_dir={report}"]
+               "-P", "trials=2", "-P", f"output_dir={report}",
+               "-P", "precision=float32"]  # auto's measurement has tests of its own (test_precision)
     done = subprocess.run(command, cwd=PROJECT_ROOT, env=python_env(), capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "=== [5/5] done" in done.stdout  # 2 trainings, a search, a promotion, the report
@@ -37,6 +38,7 @@ def test_main_entry_point_runs_every_step_as_a_child_run(tmp_path):
     trained = [(r.data.tags.get("dataset"), r.data.tags.get("arch")) for r in steps[:2]]
     assert trained == [("cifar10", "cnn_simple"), ("cifar10", "cnn_deep")]
     assert all("test_accuracy" in r.data.metrics for r in steps[:2])
+    assert [r.data.params["precision_chosen"] for r in steps[:2]] == ["float32"] * 2  # the pipeline's precision
     search = steps[2]
     assert search.data.tags["search_role"] == "parent"
     trials = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == search.info.run_id]
