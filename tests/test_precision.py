@@ -94,7 +94,7 @@ def test_each_precision_keeps_its_best_round():
 
 
 def test_a_clear_first_round_is_not_repeated_past_the_budget(monkeypatch):
-    """Where one precision is emulated (14 s a step here, 8x float32), a second round would only repeat
+    """Where one precision is emulated (8-12 s a cnn_deep step here, 7-10x float32), a second round would only repeat
     the verdict; a close first round is repeated whatever it costs."""
     monkeypatch.setattr(precision, "MEASURE_BUDGET_SECONDS", 0.0)  # every first round is over budget
 
