@@ -25,6 +25,7 @@ class Served:
     temperature: float = 1.0
     uncalibrated: np.ndarray | None = None  # the same model's before temperature scaling (None: not calibrated)
     note: str = ""  # why it was not calibrated
+    fewer_views: dict = dataclasses.field(default_factory=dict)  # {level: probabilities} served with fewer views
 
 
 def calibration_split(splits: tuple):
@@ -72,15 +73,50 @@ def served_model(model, config, data, splits: tuple) -> tuple:
     from experiments.models import inference_model
 
     recipe, held = config.training_recipe(), calibration_split(splits)
-
-    def predict(network):
-        return network.predict(image_batches(data.test, config.batch_size), verbose=0)
-
-    uncalibrated_model = inference_model(model, recipe, data.spec)
+    temperature, note = None, ""
     if held is None or len(held) == 0:
         note = "not calibrated: no held-out images (calibration_fraction=0 and no validation holdout)"
-        return uncalibrated_model, Served(predict(uncalibrated_model), note=note)
-    logits = logits_model(model).predict(image_batches(held, config.batch_size), verbose=0)
-    temperature = fit_temperature(logits, held.labels)
-    calibrated_model = inference_model(with_temperature(model, temperature), recipe, data.spec)
-    return calibrated_model, Served(predict(calibrated_model), temperature, predict(uncalibrated_model))
+    else:
+        logits = logits_model(model).predict(image_batches(held, config.batch_size), verbose=0)
+        temperature = fit_temperature(logits, held.labels)
+    served = inference_model(model if temperature is None else with_temperature(model, temperature), recipe, data.spec)
+    outputs = evaluation_model(model, recipe, data.spec, temperature).predict(
+        image_batches(data.test, config.batch_size), verbose=0)
+    fewer = {name.removeprefix("tta_"): value for name, value in outputs.items() if name.startswith("tta_")}
+    if temperature is None:
+        return served, Served(outputs["served"], note=note, fewer_views=fewer)
+    return served, Served(outputs["served"], temperature, outputs["uncalibrated"], fewer_views=fewer)
+
+
+def evaluation_model(model, recipe, spec, temperature: float | None):
+    """Every test figure in one pass over the images, each view's logits computed once: outputs `served`
+    (what inference_model() serves, at `temperature` if not None), `uncalibrated` (with a temperature: the
+    same at 1) and `tta_<level>` for each level of fewer views than served (registry.promote --tta), from
+    the same layers in the same order as the models they stand for (a test checks)."""
+    import keras
+    from keras import layers
+
+    from experiments.models import TTA_LEVELS, average_views, portable, tta_level, view_images
+
+    model = portable(model)
+    head = model.get_layer("probabilities")  # the model's own softmax: the uncalibrated models end on it
+    net = keras.Model(model.input, head.input)
+    images = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
+    logits = [net(view) for view in view_images(images, recipe, spec)]
+
+    def probabilities(view_logits: list, temperature: float | None):
+        softmax = head
+        if temperature is not None:  # as with_temperature()
+            scale = layers.Rescaling(1.0 / temperature, dtype="float32")
+            view_logits, softmax = [scale(x) for x in view_logits], layers.Activation("softmax", dtype="float32")
+        if recipe.test_time_logits and len(view_logits) > 1:  # one softmax of the averaged logits
+            return layers.Activation("softmax", dtype="float32")(average_views(view_logits))
+        return average_views([softmax(x) for x in view_logits])
+
+    outputs = {"served": probabilities(logits, temperature)}
+    if temperature is not None:
+        outputs["uncalibrated"] = probabilities(logits, None)
+    levels = list(TTA_LEVELS)
+    for level in levels[: levels.index(tta_level(recipe, spec))]:
+        outputs[f"tta_{level}"] = probabilities(logits[: {"none": 1, "flip": 2}[level]], temperature)
+    return keras.Model(images, outputs, name=f"{model.name}_test_time")

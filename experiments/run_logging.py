@@ -316,23 +316,18 @@ def link_metrics(client, run_id: str, model_id: str, metrics: list, dataset=None
         for m in metrics])
 
 
-def log_view_figures(model, config, data: ImageData, model_id: str) -> None:
+def log_view_figures(served, config, data: ImageData, model_id: str) -> None:
     """For a model served with test-time views: the test accuracy with fewer views (`test_accuracy_tta_none`,
-    and `_flip` below six views), on the model and the test dataset, and the tag `tta` (the views it
-    serves). `python -m registry.promote --tta` serves one of these instead; these say what it scores."""
+    and `_flip` below six views; calibration.Served.fewer_views), on the model and the test dataset, and the
+    tag `tta` (the views it serves). `python -m registry.promote --tta` serves one of these instead; these say
+    what it scores."""
     import mlflow
 
-    from experiments import fit
-    from experiments.models import TTA_LEVELS, tta_level, with_views
+    from experiments.models import tta_level
 
-    recipe = config.training_recipe()
-    trained = tta_level(recipe, data.spec)
-    mlflow.set_tag("tta", trained)
-    figures = {}
-    for level in list(TTA_LEVELS)[: list(TTA_LEVELS).index(trained)]:
-        probabilities = with_views(model, level, recipe, data.spec).predict(
-            fit.image_batches(data.test, config.batch_size), verbose=0)
-        figures[f"test_accuracy_tta_{level}"] = float(np.mean(probabilities.argmax(axis=1) == data.test.labels))
+    mlflow.set_tag("tta", tta_level(config.training_recipe(), data.spec))
+    figures = {f"test_accuracy_tta_{level}": float(np.mean(probabilities.argmax(axis=1) == data.test.labels))
+               for level, probabilities in served.fewer_views.items()}
     if figures:
         mlflow.log_metrics(figures, model_id=model_id, dataset=split_dataset(data, data.test, "testing"))
 

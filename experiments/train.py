@@ -153,7 +153,7 @@ def train(config: TrainConfig | None = None, *, model=None, callbacks=(), initia
         if track:  # the model first: the test figures are logged on it
             model_id = run_logging.log_model(model, data, history)
             run_logging.log_evaluation(data, served, history, accuracy, loss, model_id)
-            run_logging.log_view_figures(model, config, data, model_id)
+            run_logging.log_view_figures(served, config, data, model_id)
             run_logging.log_gradcam(model, data, served.probabilities)
         if checkpointed:
             checkpoints.remove(run_id)

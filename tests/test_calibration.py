@@ -80,3 +80,36 @@ def test_a_run_fits_its_temperature_on_the_calibration_holdout_and_logs_the_cali
     run = mlflow.get_run(untouched.run_id)
     assert "temperature" not in run.data.metrics and "test_ece" in run.data.metrics
     assert run.data.tags["calibration_note"].startswith("not calibrated: no held-out images")
+
+
+@pytest.mark.parametrize("views, logits, temperature", [(1, False, 1.7), (2, False, None), (6, False, None),
+                                                       (6, True, 1.7)])
+def test_one_pass_gives_what_the_served_uncalibrated_and_fewer_view_models_predict(views, logits, temperature):
+    """calibration.evaluation_model computes each view's logits once; each of its outputs is what predicting
+    with the model it stands for gives (the run used to predict the test split with each in turn)."""
+    from experiments.models import DataSpec, Recipe, create_model, inference_model, with_views
+
+    spec = DataSpec((32, 32, 3), 10)
+    recipe = Recipe(test_time_flip=views > 1, test_time_shift=views == 6, test_time_logits=logits)
+    model = create_model("airbench", spec, widths=[8, 8, 8])  # custom layers: portable() swaps them
+    images = np.random.default_rng(0).integers(0, 256, (6, 32, 32, 3), dtype=np.uint8)
+    outputs = calibration.evaluation_model(model, recipe, spec, temperature).predict(images, verbose=0)
+
+    served = inference_model(model if temperature is None else calibration.with_temperature(model, temperature),
+                             recipe, spec)
+    expected = {"served": served.predict(images, verbose=0)}
+    if temperature is not None:
+        expected["uncalibrated"] = inference_model(model, recipe, spec).predict(images, verbose=0)
+    for level in ["none", "flip"][: [1, 2, 6].index(views)]:
+        expected[f"tta_{level}"] = with_views(served, level, recipe, spec).predict(images, verbose=0)
+    assert sorted(outputs) == sorted(expected)
+    for name, value in expected.items():
+        np.testing.assert_allclose(outputs[name], value, rtol=1e-5, atol=1e-7, err_msg=name)
+    if temperature is not None:  # the outputs differ where they should
+        assert not np.allclose(outputs["served"], outputs["uncalibrated"], atol=1e-4)
+    if views == 6 and not logits and temperature is None:  # the six views' weights, from their definition
+        one_view = inference_model(model, Recipe(), spec)
+        up_left = np.pad(images, ((0, 0), (0, 1), (0, 1), (0, 0)), mode="reflect")[:, 1:, 1:]
+        down_right = np.pad(images, ((0, 0), (1, 0), (1, 0), (0, 0)), mode="reflect")[:, :-1, :-1]
+        p = [one_view.predict(x, verbose=0) for view in (images, up_left, down_right) for x in (view, view[:, :, ::-1])]
+        np.testing.assert_allclose(outputs["served"], (p[0] + p[1]) / 4 + (p[2] + p[3] + p[4] + p[5]) / 8, atol=1e-6)

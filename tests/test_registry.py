@@ -132,6 +132,10 @@ def test_the_served_views_are_chosen_at_promotion_with_their_own_figure(tiny_cif
     figures = {m.key for m in serving.metrics}
     assert "test_accuracy_tta_none" in figures and "test_accuracy" not in figures  # only its own views' figure
     assert not any(isinstance(layer, keras.layers.Average) for layer in one_view.layers)
+    with np.load(tiny_cifar / "cifar10.npz") as npz:  # the logged figure is the one-view model's on the test split
+        test_images, test_labels = npz["x_test"], npz["y_test"].ravel()
+    one_view_accuracy = np.mean(one_view.predict(test_images, verbose=0).argmax(axis=1) == test_labels)
+    assert run.data.metrics["test_accuracy_tta_none"] == pytest.approx(one_view_accuracy)
 
 
 def test_mirrored_views_are_refused_where_a_mirror_changes_the_class():

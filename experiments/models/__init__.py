@@ -157,10 +157,12 @@ from experiments.models.layers import (  # noqa: E402
 )
 from experiments.models.inference import (  # noqa: E402
     TTA_LEVELS,
+    average_views,
     inference_model,
     inference_views,
     one_view_net,
     tta_level,
+    view_images,
     with_views,
     without_views,
 )

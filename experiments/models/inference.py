@@ -67,17 +67,32 @@ def inference_model(model: keras.Model, recipe: Recipe, data: DataSpec) -> keras
         raise UserError(f"test_time_logits needs a model ending on a softmax Activation; {model.name} has none")
     # The views pass through the whole model, or up to its logits (then one softmax of their average).
     net = keras.Model(model.input, head.input, name=f"{model.name}_logits") if head is not None else model
-    last = "logits" if head is not None else "probabilities"
-
-    def with_mirror(x, view: str, name=None):
-        return layers.Average(name=name)([net(x), net(mirror(x, name=f"mirror{view}"))])
-
-    if not recipe.test_time_shift:
-        averaged = with_mirror(images, "", name=last)
-    else:
-        shifted = layers.Average()([with_mirror(shift(images, -1, -1), "_up_left"),
-                                    with_mirror(shift(images, 1, 1), "_down_right")])
-        averaged = layers.Average(name=last)([with_mirror(images, ""), shifted])
+    averaged = average_views([net(view) for view in view_images(images, recipe, data)],
+                             name="logits" if head is not None else "probabilities")
     if head is not None:
         averaged = layers.Activation("softmax", dtype="float32", name="probabilities")(averaged)
     return keras.Model(images, averaged, name=model.name)
+
+
+def view_images(images, recipe: Recipe, data: DataSpec) -> list:
+    """The views of `images` a model served with `recipe` averages, in this order: the images, their mirror,
+    then (with shifts) the images moved up-left and their mirror, moved down-right and their mirror."""
+    if inference_views(recipe, data) == 1:
+        return [images]
+    views = [images, mirror(images, name="mirror")]
+    if recipe.test_time_shift:
+        for step, name in ((-1, "up_left"), (1, "down_right")):
+            moved = shift(images, step, step)
+            views += [moved, mirror(moved, name=f"mirror_{name}")]
+    return views
+
+
+def average_views(outputs: list, name: str | None = None):
+    """The views' outputs (view_images' order) averaged as served: an image and its mirror count equally;
+    with shifts, that pair and the average of the two shifted pairs count equally."""
+    if len(outputs) == 1:
+        return outputs[0]
+    if len(outputs) == 2:
+        return layers.Average(name=name)(outputs)
+    pairs = [layers.Average()(outputs[i:i + 2]) for i in (0, 2, 4)]
+    return layers.Average(name=name)([pairs[0], layers.Average()(pairs[1:])])
