@@ -96,7 +96,8 @@ def evaluation_model(model, recipe, spec, temperature: float | None):
     import keras
     from keras import layers
 
-    from experiments.models import TTA_LEVELS, average_views, portable, tta_level, view_images
+    from experiments.models import (TTA_LEVELS, Recipe, average_views, inference_views, portable, tta_level,
+                                    view_images)
 
     model = portable(model)
     head = model.get_layer("probabilities")  # the model's own softmax: the uncalibrated models end on it
@@ -117,6 +118,8 @@ def evaluation_model(model, recipe, spec, temperature: float | None):
     if temperature is not None:
         outputs["uncalibrated"] = probabilities(logits, None)
     levels = list(TTA_LEVELS)
-    for level in levels[: levels.index(tta_level(recipe, spec))]:
-        outputs[f"tta_{level}"] = probabilities(logits[: {"none": 1, "flip": 2}[level]], temperature)
-    return keras.Model(images, outputs, name=f"{model.name}_test_time")
+    for level in levels[: levels.index(tta_level(recipe, spec))]:  # a level's views lead view_images' order
+        flip, shifts = TTA_LEVELS[level]
+        views = inference_views(Recipe(test_time_flip=flip, test_time_shift=shifts), spec)
+        outputs[f"tta_{level}"] = probabilities(logits[:views], temperature)
+    return keras.Model(images, outputs, name=f"{model.name}_evaluation")
