@@ -101,7 +101,7 @@ def evaluation_model(model, recipe, spec, temperature: float | None):
 
     model = portable(model)
     head = model.get_layer("probabilities")  # the model's own softmax: the uncalibrated models end on it
-    net = keras.Model(model.input, head.input)
+    net = logits_model(model)
     images = keras.Input(shape=model.input_shape[1:], dtype="uint8", name="image")
     logits = [net(view) for view in view_images(images, recipe, spec)]
 
